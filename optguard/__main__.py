@@ -1,0 +1,3 @@
+from optguard.cli import main
+
+main()

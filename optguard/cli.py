@@ -1,0 +1,213 @@
+"""The command line: each command validates input, calls one library function, renders.
+
+Library modules are imported inside the commands so ``optguard --help`` stays fast. Exit
+codes come from the typed errors, mapped in ``main`` and nowhere else.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+import traceback
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Optional
+
+import typer
+
+if TYPE_CHECKING:
+    from optguard.config import RunOptions
+    from optguard.progress import Progress
+    from optguard.supervisor import RunResult
+
+app = typer.Typer(
+    name="optguard",
+    help="Guarded Optuna studies: per-trial time and memory limits, cleanup, resumable runs.",
+    add_completion=False,
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+)
+
+_state = {"debug": False}
+
+StudyOpt = typer.Option(None, "--study", help="Study name (created or resumed).")
+ObjectiveOpt = typer.Option(
+    None, "--objective", help="pkg.module:function or path/file.py:function."
+)
+StorageOpt = typer.Option(
+    None,
+    "--storage",
+    envvar="OPTGUARD_STORAGE",
+    show_envvar=False,
+    help="Optuna storage URL (sqlite, postgresql, mysql). Default: sqlite file optguard.db.",
+)
+NTrialsOpt = typer.Option(None, "--n-trials", help="Total trials of the study, all workers.")
+TimeoutOpt = typer.Option(None, "--timeout", help="Per-trial wall clock: 90s, 30m, 1.5h. [30m]")
+MaxRssOpt = typer.Option(None, "--max-rss", help="Per-trial memory: 512MB, 12GB, 12GiB. [12GB]")
+DirectionOpt = typer.Option(None, "--direction", help="minimize or maximize. [minimize]")
+SamplerOpt = typer.Option(None, "--sampler", help="tpe, random, cmaes, qmc, gp, nsga2. [tpe]")
+PrunerOpt = typer.Option(None, "--pruner", help="median, none, halving, hyperband. [median]")
+ConfigOpt = typer.Option(None, "--config", help="TOML file with any of these options.")
+LogDirOpt = typer.Option(None, "--log-dir", help="Directory of the worker logs. [logs]")
+
+
+@app.callback()
+def _root(
+    debug: bool = typer.Option(False, "--debug", help="Show tracebacks and debug logging."),
+) -> None:
+    _state["debug"] = debug
+    if debug:
+        logging.basicConfig(level=logging.DEBUG, format="%(asctime)s %(name)s %(message)s")
+
+
+def _options(**flags: Any) -> "RunOptions":
+    from optguard.config import resolve_options
+
+    config = flags.pop("config")
+    return resolve_options(flags, config)
+
+
+class _Renderer:
+    """A Rich progress bar on a terminal; plain lines when the output is a file or pipe."""
+
+    def __init__(self, n_trials: Optional[int], study: str) -> None:
+        from rich.console import Console
+
+        self.console = Console(stderr=False)
+        self.n_trials = n_trials
+        self.study = study
+        self.last_line = ""
+        self.bar: Any = None
+        if self.console.is_terminal:
+            from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
+            from rich.progress import TimeElapsedColumn
+
+            self.bar = Progress(
+                TextColumn("[bold]{task.description}"),
+                BarColumn(),
+                MofNCompleteColumn(),
+                TimeElapsedColumn(),
+                TextColumn("{task.fields[info]}"),
+                console=self.console,
+            )
+            self.task = self.bar.add_task(study, total=n_trials, info="")
+            self.bar.start()
+
+    def __call__(self, progress: "Progress") -> None:
+        if self.bar is not None:
+            best = "-" if progress.best_value is None else f"{progress.best_value:.6g}"
+            reasons = ", ".join(f"{k} {v}" for k, v in sorted(progress.prune_reasons.items()))
+            info = f"best {best}  running {progress.running}"
+            info += f"  pruned {progress.states.get('PRUNED', 0)}" + (f" ({reasons})" if reasons else "")
+            self.bar.update(self.task, completed=progress.finished, info=info)
+            return
+        line = progress.describe(self.n_trials)
+        if line != self.last_line:
+            self.last_line = line
+            print(f"[{self.study}] {line}", flush=True)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.stop()
+
+
+@app.command()
+def run(
+    study: Optional[str] = StudyOpt,
+    objective: Optional[str] = ObjectiveOpt,
+    workers: Optional[int] = typer.Option(None, "--workers", help="Worker processes. [1]"),
+    n_trials: Optional[int] = NTrialsOpt,
+    storage: Optional[str] = StorageOpt,
+    timeout: Optional[str] = TimeoutOpt,
+    max_rss: Optional[str] = MaxRssOpt,
+    direction: Optional[str] = DirectionOpt,
+    sampler: Optional[str] = SamplerOpt,
+    pruner: Optional[str] = PrunerOpt,
+    config: Optional[Path] = ConfigOpt,
+    log_dir: Optional[Path] = LogDirOpt,
+) -> None:
+    """Run a guarded study with N worker processes on one shared storage."""
+    opts = _options(
+        study=study, objective=objective, workers=workers, n_trials=n_trials, storage=storage,
+        timeout=timeout, max_rss=max_rss, direction=direction, sampler=sampler, pruner=pruner,
+        config=config, log_dir=log_dir,
+    )  # fmt: skip
+    from optguard.storage import mask_url, resolve_url
+    from optguard.supervisor import run_study
+
+    print(
+        f"optguard: study {opts.study!r} on {mask_url(resolve_url(opts.storage))}, "
+        f"{opts.workers} worker(s), logs in {opts.log_dir}/",
+        flush=True,
+    )
+    renderer = _Renderer(opts.n_trials, opts.study)
+    try:
+        result = run_study(opts, on_progress=renderer)
+    finally:
+        renderer.close()
+    _summary(result)
+
+
+def _summary(result: "RunResult") -> None:
+    from optguard.errors import EXIT_INTERRUPTED
+
+    print(
+        f"optguard: {result.progress.describe(result.n_trials)}; "
+        f"{result.seconds:.1f}s, {result.worker_deaths} worker death(s)",
+        flush=True,
+    )
+    if result.interrupted:
+        raise typer.Exit(EXIT_INTERRUPTED)
+
+
+@app.command()
+def worker(
+    study: Optional[str] = StudyOpt,
+    objective: Optional[str] = ObjectiveOpt,
+    n_trials: Optional[int] = NTrialsOpt,
+    storage: Optional[str] = StorageOpt,
+    timeout: Optional[str] = TimeoutOpt,
+    max_rss: Optional[str] = MaxRssOpt,
+    direction: Optional[str] = DirectionOpt,
+    sampler: Optional[str] = SamplerOpt,
+    pruner: Optional[str] = PrunerOpt,
+    config: Optional[Path] = ConfigOpt,
+    log_dir: Optional[Path] = LogDirOpt,
+    index: int = typer.Option(0, "--index", min=0, help="Worker number in the log file name."),
+) -> None:
+    """Run one worker in this process (what `run` starts N times; start more on other hosts)."""
+    opts = _options(
+        study=study, objective=objective, n_trials=n_trials, storage=storage, timeout=timeout,
+        max_rss=max_rss, direction=direction, sampler=sampler, pruner=pruner, config=config,
+        log_dir=log_dir, workers=None,
+    )  # fmt: skip
+    from optguard.worker import run_worker
+
+    run_worker(opts, index)
+
+
+def main(argv: Optional[list[str]] = None) -> None:
+    """Entry point: every error becomes one line on stderr and its documented exit code."""
+    from optguard.errors import EXIT_ERROR, EXIT_INTERRUPTED, EXIT_USAGE, OptguardError
+
+    command = typer.main.get_command(app)
+    try:
+        command.main(args=argv, prog_name="optguard", standalone_mode=False)
+    except typer.Exit as exc:
+        sys.exit(exc.exit_code)
+    except typer.TyperException as exc:  # click's usage errors, as vendored by typer
+        message = exc.format_message() if hasattr(exc, "format_message") else str(exc)
+        print(f"optguard: error: {message}", file=sys.stderr)
+        sys.exit(getattr(exc, "exit_code", EXIT_USAGE))
+    except (typer.Abort, KeyboardInterrupt):
+        print("optguard: interrupted", file=sys.stderr)
+        sys.exit(EXIT_INTERRUPTED)
+    except OptguardError as exc:
+        if _state["debug"]:
+            traceback.print_exc()
+        print(f"optguard: error: {exc}", file=sys.stderr)
+        sys.exit(exc.exit_code)
+    except Exception as exc:  # a bug of ours: still one line unless --debug
+        if _state["debug"]:
+            traceback.print_exc()
+        print(f"optguard: internal error: {type(exc).__name__}: {exc}", file=sys.stderr)
+        sys.exit(EXIT_ERROR)

@@ -1,0 +1,119 @@
+"""Options of ``optguard run``/``worker``: from a TOML file, overridden by flags, validated once."""
+
+from __future__ import annotations
+
+import tomllib
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any, Mapping
+
+from optguard.errors import ConfigError, UsageError
+from optguard.limits import DEFAULT_MAX_RSS, DEFAULT_TIMEOUT_S, Limits, parse_duration, parse_size
+from optguard.study import DIRECTIONS, PRUNERS, SAMPLERS
+
+__all__ = ["RunOptions", "resolve_options", "CONFIG_KEYS"]
+
+# key -> accepted TOML types (bool is excluded from int explicitly below).
+CONFIG_KEYS: dict[str, tuple[type, ...]] = {
+    "study": (str,),
+    "objective": (str,),
+    "storage": (str,),
+    "workers": (int,),
+    "n_trials": (int,),
+    "timeout": (str, int, float),
+    "max_rss": (str, int),
+    "direction": (str,),
+    "sampler": (str,),
+    "pruner": (str,),
+    "log_dir": (str,),
+}
+
+
+@dataclass(frozen=True)
+class RunOptions:
+    """Everything a supervisor or a worker needs to run a study."""
+
+    study: str
+    objective: str
+    storage: str | None = None
+    workers: int = 1
+    n_trials: int | None = None
+    limits: Limits = Limits()
+    direction: str = "minimize"
+    sampler: str = "tpe"
+    pruner: str = "median"
+    log_dir: Path = Path("logs")
+
+    def with_storage(self, url: str) -> "RunOptions":
+        return replace(self, storage=url)
+
+
+def load_config(path: Path) -> dict[str, Any]:
+    """Read a TOML config file; unknown keys and wrong types are errors, not surprises."""
+    try:
+        with path.open("rb") as fh:
+            data = tomllib.load(fh)
+    except FileNotFoundError:
+        raise ConfigError(f"config file not found: {path}") from None
+    except OSError as exc:
+        raise ConfigError(f"cannot read config file {path}: {exc.strerror}") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"config file {path} is not valid TOML: {exc}") from None
+    for key, value in data.items():
+        if key not in CONFIG_KEYS:
+            known = ", ".join(CONFIG_KEYS)
+            raise ConfigError(f"config file {path}: unknown key {key!r} (known: {known})")
+        types = CONFIG_KEYS[key]
+        if isinstance(value, bool) or not isinstance(value, types):
+            wanted = " or ".join(t.__name__ for t in types)
+            raise ConfigError(
+                f"config file {path}: {key} must be {wanted}, got {type(value).__name__}"
+            )
+    return data
+
+
+def _option_name(key: str, from_config: bool, config: Path | None) -> str:
+    return f"{key} (in {config})" if from_config else "--" + key.replace("_", "-")
+
+
+def resolve_options(flags: Mapping[str, Any], config: Path | None = None) -> RunOptions:
+    """Merge a config file with flags (flags win; ``None`` means not given) and validate."""
+    file_values = load_config(config) if config is not None else {}
+    merged: dict[str, Any] = dict(file_values)
+    merged.update({k: v for k, v in flags.items() if v is not None})
+
+    def name(key: str) -> str:
+        return _option_name(key, key in file_values and flags.get(key) is None, config)
+
+    for key in ("study", "objective"):
+        value = merged.get(key)
+        if not isinstance(value, str) or not value.strip():
+            raise UsageError(f"missing required option {_option_name(key, False, None)}")
+    for key in ("workers", "n_trials"):
+        value = merged.get(key)
+        if value is not None and value < 1:
+            raise UsageError(f"{name(key)} must be at least 1, got {value}")
+    for key, choices in (("direction", DIRECTIONS), ("sampler", SAMPLERS), ("pruner", PRUNERS)):
+        value = merged.get(key)
+        if value is not None and value not in choices:
+            raise UsageError(f"{name(key)} must be one of {', '.join(choices)}, got {value!r}")
+
+    timeout = merged.get("timeout")
+    max_rss = merged.get("max_rss")
+    limits = Limits(
+        timeout_s=DEFAULT_TIMEOUT_S if timeout is None else parse_duration(timeout, name("timeout")),
+        max_rss_bytes=DEFAULT_MAX_RSS if max_rss is None else parse_size(max_rss, name("max_rss")),
+    )
+    defaults = RunOptions(study="", objective="")
+    return RunOptions(
+        study=merged["study"],
+        objective=merged["objective"],
+        storage=merged.get("storage"),
+        workers=merged.get("workers", defaults.workers),
+        n_trials=merged.get("n_trials"),
+        limits=limits,
+        direction=merged.get("direction", defaults.direction),
+        sampler=merged.get("sampler", defaults.sampler),
+        pruner=merged.get("pruner", defaults.pruner),
+        log_dir=Path(merged.get("log_dir", defaults.log_dir)),
+    )

@@ -1,0 +1,159 @@
+"""The cooperative guard: limits checked before every split of a trial.
+
+A plain objective is guarded without changes: the worker wraps the trial's ``report`` and
+``should_prune`` so every call checks the limits first. ``check(trial)`` and
+``splits(trial, iterable)`` add checks where an objective has no report to make.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import Any, Callable, Iterable, Iterator, TypeVar
+
+import optuna
+
+from optguard.limits import Limits, format_gb, format_minutes
+from optguard.memory import current_rss
+
+__all__ = ["GuardPruned", "TrialGuard", "Violation", "check", "splits"]
+
+T = TypeVar("T")
+
+REASON_TIMEOUT = "timeout"
+REASON_MEMORY = "memory"
+
+
+@dataclass(frozen=True)
+class Violation:
+    """A limit a trial crossed, with what was measured when it did."""
+
+    trial_number: int
+    reason: str
+    elapsed_s: float
+    rss_bytes: int
+    limit: float
+
+    @property
+    def phrase(self) -> str:
+        """The words users grep for: ``Trial timeout: 31.2min``, ``Memory limit exceeded: 12.1GB``."""
+        if self.reason == REASON_TIMEOUT:
+            return f"Trial timeout: {format_minutes(self.elapsed_s)}"
+        if self.reason == REASON_MEMORY:
+            return f"Memory limit exceeded: {format_gb(self.rss_bytes)}"
+        return f"Trial stopped: {self.reason}"
+
+    @property
+    def detail(self) -> str:
+        if self.reason == REASON_TIMEOUT:
+            return f"limit {format_minutes(self.limit)}, elapsed {self.elapsed_s:.1f}s > {self.limit:g}s"
+        if self.reason == REASON_MEMORY:
+            return (
+                f"limit {format_gb(self.limit)}, rss {self.rss_bytes / 1e6:.0f}MB"
+                f" > {self.limit / 1e6:.0f}MB"
+            )
+        return f"elapsed {self.elapsed_s:.1f}s"
+
+    def log_line(self) -> str:
+        return f"Trial #{self.trial_number} pruned: {self.phrase} ({self.detail})"
+
+
+class GuardPruned(optuna.TrialPruned):
+    """``optuna.TrialPruned`` raised by the guard, carrying the violation."""
+
+    def __init__(self, violation: Violation) -> None:
+        super().__init__(violation.phrase)
+        self.violation = violation
+
+
+class TrialGuard:
+    """Limits of one running trial; ``check`` raises ``GuardPruned`` once one is crossed."""
+
+    def __init__(
+        self,
+        trial: optuna.trial.Trial,
+        limits: Limits,
+        on_violation: Callable[[Violation], None] | None = None,
+    ) -> None:
+        self.trial = trial
+        self.number = trial.number
+        self.limits = limits
+        self.started = time.monotonic()
+        self._on_violation = on_violation
+        self._stop_reason: str | None = None
+
+    def elapsed(self) -> float:
+        return time.monotonic() - self.started
+
+    def request_stop(self, reason: str) -> None:
+        """Make the next check prune the trial with ``reason`` (cancel, supervisor interrupt).
+
+        Only sets a flag, so it is safe to call from a signal handler.
+        """
+        self._stop_reason = reason
+
+    def check(self) -> None:
+        elapsed = time.monotonic() - self.started
+        limits = self.limits
+        if self._stop_reason is not None:
+            self._violate(self._stop_reason, elapsed, 0, 0.0)
+        if limits.timeout_s is not None and elapsed > limits.timeout_s:
+            self._violate(REASON_TIMEOUT, elapsed, current_rss(), limits.timeout_s)
+        if limits.max_rss_bytes is not None:
+            rss = current_rss()
+            if rss > limits.max_rss_bytes:
+                self._violate(REASON_MEMORY, elapsed, rss, float(limits.max_rss_bytes))
+
+    def _violate(self, reason: str, elapsed: float, rss: int, limit: float) -> None:
+        violation = Violation(self.number, reason, elapsed, rss, limit)
+        if self._on_violation is not None:
+            self._on_violation(violation)
+        raise GuardPruned(violation)
+
+    def install(self) -> None:
+        """Wrap the trial's ``report`` and ``should_prune`` so each checks the limits first."""
+        report = self.trial.report
+        should_prune = self.trial.should_prune
+
+        def guarded_report(value: float, step: int) -> None:
+            self.check()
+            report(value, step)
+
+        def guarded_should_prune() -> bool:
+            self.check()
+            return should_prune()
+
+        self.trial.report = guarded_report  # type: ignore[method-assign]
+        self.trial.should_prune = guarded_should_prune  # type: ignore[method-assign]
+        global _active
+        _active = self
+
+    def uninstall(self) -> None:
+        global _active
+        if _active is self:
+            _active = None
+
+
+_active: TrialGuard | None = None
+
+
+def active_guard() -> TrialGuard | None:
+    """The guard of the trial this process is running, if any."""
+    return _active
+
+
+def check(trial: Any) -> None:
+    """Check the running trial's limits now; a no-op outside an optguard worker.
+
+    Raises ``optuna.TrialPruned`` (a ``GuardPruned``) when a limit is crossed.
+    """
+    guard = _active
+    if guard is not None and getattr(trial, "number", None) == guard.number:
+        guard.check()
+
+
+def splits(trial: Any, iterable: Iterable[T]) -> Iterator[T]:
+    """Yield the items of ``iterable``, checking the trial's limits before each one (CV folds)."""
+    for item in iterable:
+        check(trial)
+        yield item

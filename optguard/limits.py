@@ -1,0 +1,87 @@
+"""Trial limits and the units users write them in (``90s``, ``1.5h``, ``512MB``, ``12GiB``).
+
+Sizes follow SI/IEC: ``GB`` is 10**9 bytes and ``GiB`` is 2**30 bytes. Memory shown in log
+lines uses the same decimal ``GB``, so a limit written as ``12GB`` is printed as ``12.0GB``.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import dataclass
+
+from optguard.errors import UsageError
+
+__all__ = ["Limits", "parse_duration", "parse_size", "format_gb", "format_minutes"]
+
+_DURATION_UNITS = {"": 1.0, "s": 1.0, "sec": 1.0, "m": 60.0, "min": 60.0, "h": 3600.0, "d": 86400.0}
+_SIZE_UNITS = {
+    "": 1,
+    "b": 1,
+    "kb": 10**3,
+    "mb": 10**6,
+    "gb": 10**9,
+    "tb": 10**12,
+    "k": 2**10,
+    "kib": 2**10,
+    "m": 2**20,
+    "mib": 2**20,
+    "g": 2**30,
+    "gib": 2**30,
+    "tib": 2**40,
+}
+_NUMBER_UNIT = re.compile(r"^\s*([0-9]*\.?[0-9]+(?:[eE][+-]?[0-9]+)?)\s*([a-zA-Z]*)\s*$")
+
+DEFAULT_TIMEOUT_S = 30 * 60.0
+DEFAULT_MAX_RSS = 12 * 10**9
+
+
+def _split(text: str | int | float, option: str) -> tuple[float, str]:
+    if isinstance(text, bool):
+        raise UsageError(f"{option}: expected a number with a unit, got {text!r}")
+    if isinstance(text, (int, float)):
+        return float(text), ""
+    match = _NUMBER_UNIT.match(str(text))
+    if match is None:
+        raise UsageError(f"{option}: cannot parse {text!r}")
+    return float(match.group(1)), match.group(2).lower()
+
+
+def parse_duration(text: str | int | float, option: str = "duration") -> float:
+    """Seconds from ``90s``, ``30m``, ``1.5h``, ``2d`` or bare seconds; must be positive."""
+    number, unit = _split(text, option)
+    if unit not in _DURATION_UNITS:
+        raise UsageError(f"{option}: unknown duration unit {unit!r} in {text!r} (use s, m, h, d)")
+    seconds = number * _DURATION_UNITS[unit]
+    if not math.isfinite(seconds) or seconds <= 0:
+        raise UsageError(f"{option}: must be positive, got {text!r}")
+    return seconds
+
+
+def parse_size(text: str | int | float, option: str = "size") -> int:
+    """Bytes from ``512MB``, ``12GB``, ``12GiB`` or bare bytes; must be positive."""
+    number, unit = _split(text, option)
+    if unit not in _SIZE_UNITS:
+        raise UsageError(f"{option}: unknown size unit {unit!r} in {text!r} (use MB, GB, MiB, GiB)")
+    size = int(number * _SIZE_UNITS[unit])
+    if size <= 0:
+        raise UsageError(f"{option}: must be positive, got {text!r}")
+    return size
+
+
+def format_gb(nbytes: float, digits: int = 1) -> str:
+    """``12.1GB`` (decimal GB), the form users grep for."""
+    return f"{nbytes / 1e9:.{digits}f}GB"
+
+
+def format_minutes(seconds: float) -> str:
+    """``31.2min``, the form users grep for."""
+    return f"{seconds / 60.0:.1f}min"
+
+
+@dataclass(frozen=True)
+class Limits:
+    """What one trial may use. ``None`` disables a limit."""
+
+    timeout_s: float | None = DEFAULT_TIMEOUT_S
+    max_rss_bytes: int | None = DEFAULT_MAX_RSS

@@ -1,0 +1,71 @@
+"""How far a study is, read from its storage alone with a few aggregate queries.
+
+Cheap enough to poll every second: counts are ``GROUP BY`` queries, not a load of every trial.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    import optuna
+
+__all__ = ["Progress", "read_progress"]
+
+FINISHED = ("COMPLETE", "PRUNED", "FAIL")
+
+
+@dataclass(frozen=True)
+class Progress:
+    states: dict[str, int] = field(default_factory=dict)
+    best_value: float | None = None
+    prune_reasons: dict[str, int] = field(default_factory=dict)
+
+    @property
+    def finished(self) -> int:
+        return sum(self.states.get(s, 0) for s in FINISHED)
+
+    @property
+    def running(self) -> int:
+        return self.states.get("RUNNING", 0)
+
+    def describe(self, n_trials: int | None) -> str:
+        total = "?" if n_trials is None else str(n_trials)
+        best = "-" if self.best_value is None else f"{self.best_value:.6g}"
+        reasons = " ".join(f"{k}={v}" for k, v in sorted(self.prune_reasons.items())) or "none"
+        return (
+            f"{self.finished}/{total} finished, {self.running} running, "
+            f"complete={self.states.get('COMPLETE', 0)} pruned={self.states.get('PRUNED', 0)} "
+            f"failed={self.states.get('FAIL', 0)}, best={best}, guard prunes: {reasons}"
+        )
+
+
+def read_progress(storage: "optuna.storages.RDBStorage", study_id: int) -> Progress:
+    from optuna.storages._rdb import models
+    from sqlalchemy import func, select
+
+    trial = models.TrialModel
+    attr = models.TrialUserAttributeModel
+    by_state = (
+        select(trial.state, func.count())
+        .where(trial.study_id == study_id)
+        .group_by(trial.state)
+    )
+    by_reason = (
+        select(attr.value_json, func.count())
+        .join(trial, attr.trial_id == trial.trial_id)
+        .where(trial.study_id == study_id, attr.key == "optguard.reason")
+        .group_by(attr.value_json)
+    )
+    with storage.engine.connect() as conn:
+        states = {state.name: int(n) for state, n in conn.execute(by_state)}
+        reasons = {str(json.loads(v)): int(n) for v, n in conn.execute(by_reason)}
+    best: float | None = None
+    if states.get("COMPLETE"):
+        try:
+            best = storage.get_best_trial(study_id).value
+        except ValueError:
+            best = None  # no complete trial with a value yet (a race with the count above)
+    return Progress(states=states, best_value=best, prune_reasons=reasons)

@@ -1,0 +1,234 @@
+"""Opening the study's storage, safely shared by many worker processes and hosts.
+
+SQLite is the embedded default and needs care to be shared by concurrent processes: a long
+busy timeout, WAL, transactions that take the write lock up front (``BEGIN IMMEDIATE``, so a
+read-then-write never fails with "database is locked" without waiting), and the schema
+created once by the parent before workers start. PostgreSQL and MySQL need nothing special.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import importlib.util
+import sqlite3
+import zlib
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Iterator
+
+from optguard.errors import StorageError, StorageURLError
+
+if TYPE_CHECKING:
+    import optuna
+
+__all__ = [
+    "DEFAULT_DB",
+    "resolve_url",
+    "mask_url",
+    "redact",
+    "open_storage",
+    "TrialSlots",
+]
+
+DEFAULT_DB = "optguard.db"
+SQLITE_BUSY_TIMEOUT_S = 120.0
+_BACKENDS = ("sqlite", "postgresql", "mysql")
+
+
+def _parse(url: str) -> Any:
+    from sqlalchemy.engine import make_url
+    from sqlalchemy.exc import ArgumentError
+
+    try:
+        return make_url(url)
+    except ArgumentError:
+        raise StorageURLError(f"cannot parse storage URL {_mask_unparsed(url)!r}") from None
+
+
+def _mask_unparsed(url: str) -> str:
+    """Hide anything between ``://user:`` and ``@`` in a URL too broken to parse."""
+    head, sep, rest = url.partition("://")
+    if not sep or "@" not in rest:
+        return url
+    creds, _, host = rest.rpartition("@")
+    user = creds.split(":", 1)[0]
+    return f"{head}://{user}:***@{host}" if ":" in creds else url
+
+
+def mask_url(url: str) -> str:
+    """The URL with its password replaced by ``***``: the only form ever printed or logged."""
+    try:
+        return _parse(url).render_as_string(hide_password=True)
+    except StorageURLError:
+        return _mask_unparsed(url)
+
+
+def redact(text: str, url: str) -> str:
+    """``text`` with the URL's password removed (driver errors sometimes echo it)."""
+    try:
+        password = _parse(url).password
+    except StorageURLError:
+        return text
+    return text.replace(str(password), "***") if password else text
+
+
+def resolve_url(url: str | None) -> str:
+    """The storage URL workers will use: the embedded SQLite file by default.
+
+    A relative SQLite path is made absolute so every worker opens the same file. ``mysql://``
+    uses PyMySQL when the C driver is not installed.
+    """
+    if url is None:
+        return f"sqlite:///{Path(DEFAULT_DB).resolve()}"
+    parsed = _parse(url)
+    backend = parsed.get_backend_name()
+    if backend not in _BACKENDS:
+        raise StorageURLError(
+            f"unsupported storage backend {backend!r} in {mask_url(url)} "
+            f"(use {', '.join(_BACKENDS)})"
+        )
+    if backend == "sqlite":
+        database = parsed.database
+        if not database or database == ":memory:":
+            raise StorageURLError("an in-memory SQLite storage cannot be shared by workers")
+        parsed = parsed.set(database=str(Path(database).resolve()))
+    if parsed.drivername == "mysql" and importlib.util.find_spec("MySQLdb") is None:
+        parsed = parsed.set(drivername="mysql+pymysql")
+    return parsed.render_as_string(hide_password=False)
+
+
+def sqlite_path(url: str) -> Path | None:
+    parsed = _parse(url)
+    return Path(parsed.database) if parsed.get_backend_name() == "sqlite" else None
+
+
+def _prepare_sqlite_file(path: Path) -> None:
+    """Switch the file to WAL once; the mode is stored in the file and kept for all connections."""
+    if not path.parent.is_dir():
+        raise StorageError(f"cannot create SQLite storage {path}: directory does not exist")
+    try:
+        with contextlib.closing(sqlite3.connect(path, timeout=SQLITE_BUSY_TIMEOUT_S)) as conn:
+            conn.execute("PRAGMA journal_mode=WAL")
+    except sqlite3.Error as exc:
+        raise StorageError(f"cannot open SQLite storage {path}: {exc}") from None
+
+
+def _install_sqlite_events(engine: Any) -> None:
+    from sqlalchemy import event
+
+    @event.listens_for(engine, "connect")
+    def _on_connect(dbapi_conn: Any, _record: Any) -> None:
+        dbapi_conn.isolation_level = None  # let the "begin" event below issue BEGIN itself
+        dbapi_conn.execute("PRAGMA synchronous=NORMAL")  # safe with WAL; fsync at checkpoints
+
+    @event.listens_for(engine, "begin")
+    def _on_begin(conn: Any) -> None:
+        conn.exec_driver_sql("BEGIN IMMEDIATE")
+
+    engine.dispose()  # connections opened before the events were installed are dropped
+
+
+def open_storage(url: str, *, create_schema: bool = False) -> "optuna.storages.RDBStorage":
+    """Open the RDB storage; ``create_schema`` is for the one process that sets it up."""
+    import optuna
+    import sqlalchemy.exc
+
+    path = sqlite_path(url)
+    engine_kwargs: dict[str, Any] = {"pool_pre_ping": True}
+    if path is not None:
+        if create_schema:
+            _prepare_sqlite_file(path)
+        engine_kwargs = {"connect_args": {"timeout": SQLITE_BUSY_TIMEOUT_S}}
+    try:
+        storage = optuna.storages.RDBStorage(
+            url, engine_kwargs=engine_kwargs, skip_table_creation=not create_schema
+        )
+    except ImportError as exc:
+        raise StorageURLError(f"no database driver for {mask_url(url)}: {exc}") from None
+    except sqlalchemy.exc.SQLAlchemyError as exc:
+        detail = str(getattr(exc, "orig", None) or exc).strip().splitlines()
+        reason = redact(detail[0] if detail else type(exc).__name__, url)
+        raise StorageError(f"cannot connect to storage {mask_url(url)}: {reason}") from None
+    if path is not None:
+        _install_sqlite_events(storage.engine)
+    return storage
+
+
+class TrialSlots:
+    """Hands out trials up to a study-wide total, across every worker and host.
+
+    Counting finished plus running trials and creating the next one happen under one lock
+    (a file lock beside a SQLite file, an advisory lock on PostgreSQL and MySQL), so N
+    workers never overshoot ``n_trials`` however they race.
+    """
+
+    def __init__(self, storage: "optuna.storages.RDBStorage", study_name: str) -> None:
+        self._storage = storage
+        self._study_name = study_name
+        self._study_id = storage.get_study_id_from_name(study_name)
+        self._backend = storage.engine.dialect.name
+        self._conn: Any = None
+        self._lock_file: Any = None
+
+    def count(self) -> int:
+        """Trials that count toward the total: finished (complete, pruned, failed) or running."""
+        from optuna.storages._rdb import models
+        from optuna.trial import TrialState
+        from sqlalchemy import func, select
+
+        states = (TrialState.RUNNING, TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL)
+        stmt = (
+            select(func.count())
+            .select_from(models.TrialModel)
+            .where(models.TrialModel.study_id == self._study_id, models.TrialModel.state.in_(states))
+        )
+        with self._storage.engine.connect() as conn:
+            return int(conn.execute(stmt).scalar_one())
+
+    @contextlib.contextmanager
+    def lock(self) -> Iterator[None]:
+        from sqlalchemy import text
+
+        key = f"optguard:{self._study_name}"
+        if self._backend == "sqlite":
+            if self._lock_file is None:
+                path = Path(str(self._storage.engine.url.database) + ".optguard-lock")
+                self._lock_file = path.open("a")
+            fcntl.flock(self._lock_file, fcntl.LOCK_EX)
+            try:
+                yield
+            finally:
+                fcntl.flock(self._lock_file, fcntl.LOCK_UN)
+            return
+        if self._conn is None:
+            self._conn = self._storage.engine.connect()
+        if self._backend == "postgresql":
+            acquire = text("SELECT pg_advisory_lock(:k)").bindparams(k=zlib.crc32(key.encode()))
+            release = text("SELECT pg_advisory_unlock(:k)").bindparams(k=zlib.crc32(key.encode()))
+        else:
+            acquire = text("SELECT GET_LOCK(:k, -1)").bindparams(k=key[:64])
+            release = text("SELECT RELEASE_LOCK(:k)").bindparams(k=key[:64])
+        self._conn.execute(acquire)
+        self._conn.commit()
+        try:
+            yield
+        finally:
+            self._conn.execute(release)
+            self._conn.commit()
+
+    def claim(self, study: "optuna.Study", n_trials: int | None) -> "optuna.trial.Trial | None":
+        """The next trial to run, or ``None`` once the study has ``n_trials``."""
+        if n_trials is None:
+            return study.ask()
+        with self.lock():
+            if self.count() >= n_trials:
+                return None
+            return study.ask()
+
+    def close(self) -> None:
+        if self._conn is not None:
+            self._conn.close()
+            self._conn = None
+        if self._lock_file is not None:
+            self._lock_file.close()
+            self._lock_file = None
