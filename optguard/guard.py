@@ -148,7 +148,7 @@ def check(trial: Any) -> None:
     Raises ``optuna.TrialPruned`` (a ``GuardPruned``) when a limit is crossed.
     """
     guard = _active
-    if guard is not None and getattr(trial, "number", None) == guard.number:
+    if guard is not None and trial is guard.trial:
         guard.check()
 
 

@@ -1,0 +1,77 @@
+"""Shared helpers: run the real CLI in a subprocess and read the real storage."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import uuid
+from pathlib import Path
+from typing import Iterator
+
+import optuna
+import pytest
+
+OBJECTIVES = Path(__file__).parent / "objectives"
+REPO = Path(__file__).parent.parent
+PG_URL = os.environ.get("OPTGUARD_TEST_PG", "postgresql://postgres@127.0.0.1:5432/test")
+MYSQL_URL = os.environ.get("OPTGUARD_TEST_MYSQL", "mysql+pymysql://root@127.0.0.1:3306/test")
+
+
+def objective(target: str) -> str:
+    """``file.py:fn`` under tests/objectives as an absolute target."""
+    name, fn = target.split(":")
+    return f"{OBJECTIVES / name}:{fn}"
+
+
+def run_cli(
+    *args: str, cwd: Path, timeout: float = 120, env: dict[str, str] | None = None
+) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "optguard", *args],
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env={**os.environ, **(env or {})},
+    )
+
+
+def load_trials(url: str, study: str) -> list[optuna.trial.FrozenTrial]:
+    return optuna.load_study(study_name=study, storage=url).get_trials(deepcopy=False)
+
+
+def sqlite_url(cwd: Path) -> str:
+    return f"sqlite:///{cwd / 'optguard.db'}"
+
+
+def log_text(cwd: Path) -> str:
+    return "".join(p.read_text() for p in sorted((cwd / "logs").glob("worker_*.log")))
+
+
+@pytest.fixture(autouse=True)
+def _quiet_optuna() -> None:
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+
+
+@pytest.fixture
+def study_name() -> str:
+    return f"t-{uuid.uuid4().hex[:10]}"
+
+
+def _server_study(url: str, name: str) -> Iterator[str]:
+    yield name
+    try:
+        optuna.delete_study(study_name=name, storage=url)
+    except KeyError:
+        pass  # the test never created it
+
+
+@pytest.fixture
+def pg_study(study_name: str) -> Iterator[str]:
+    yield from _server_study(PG_URL, study_name)
+
+
+@pytest.fixture
+def mysql_study(study_name: str) -> Iterator[str]:
+    yield from _server_study(MYSQL_URL, study_name)
