@@ -48,6 +48,12 @@ SamplerOpt = typer.Option(None, "--sampler", help="tpe, random, cmaes, qmc, gp, 
 PrunerOpt = typer.Option(None, "--pruner", help="median, none, halving, hyperband. [median]")
 ConfigOpt = typer.Option(None, "--config", help="TOML file with any of these options.")
 LogDirOpt = typer.Option(None, "--log-dir", help="Directory of the worker logs. [logs]")
+MaxTrialsPerWorkerOpt = typer.Option(
+    None, "--max-trials-per-worker", help="Replace a worker after this many trials."
+)
+RecycleRssOpt = typer.Option(
+    None, "--recycle-rss", help="Replace a worker whose memory after cleanup is above this."
+)
 
 
 @app.callback()
@@ -124,12 +130,34 @@ def run(
     pruner: Optional[str] = PrunerOpt,
     config: Optional[Path] = ConfigOpt,
     log_dir: Optional[Path] = LogDirOpt,
+    grace: Optional[str] = typer.Option(
+        None, "--grace", help="Past the time limit, wait this long for a check before "
+        "interrupting the trial. [60s]",
+    ),
+    memory_grace: Optional[str] = typer.Option(
+        None, "--memory-grace", help="Past the memory limit, the same wait. [3s]"
+    ),
+    kill_after: Optional[str] = typer.Option(
+        None, "--kill-after", help="After an interrupt, wait this long before killing the "
+        "worker's process tree. [5s]",
+    ),
+    memory_ceiling: Optional[float] = typer.Option(
+        None, "--memory-ceiling", help="Kill at once above this multiple of --max-rss. [1.25]"
+    ),
+    max_system_ram: Optional[str] = typer.Option(
+        None, "--max-system-ram", help="Prune the biggest trial when used RAM passes this "
+        "percent. [90]",
+    ),
+    max_trials_per_worker: Optional[int] = MaxTrialsPerWorkerOpt,
+    recycle_rss: Optional[str] = RecycleRssOpt,
 ) -> None:
     """Run a guarded study with N worker processes on one shared storage."""
     opts = _options(
         study=study, objective=objective, workers=workers, n_trials=n_trials, storage=storage,
         timeout=timeout, max_rss=max_rss, direction=direction, sampler=sampler, pruner=pruner,
-        config=config, log_dir=log_dir,
+        config=config, log_dir=log_dir, grace=grace, memory_grace=memory_grace,
+        kill_after=kill_after, memory_ceiling=memory_ceiling, max_system_ram=max_system_ram,
+        max_trials_per_worker=max_trials_per_worker, recycle_rss=recycle_rss,
     )  # fmt: skip
     from optguard.storage import mask_url, resolve_url
     from optguard.supervisor import run_study
@@ -152,7 +180,8 @@ def _summary(result: "RunResult") -> None:
 
     print(
         f"optguard: {result.progress.describe(result.n_trials)}; "
-        f"{result.seconds:.1f}s, {result.worker_deaths} worker death(s)",
+        f"{result.seconds:.1f}s, {result.interrupts} interrupt(s), {result.hard_kills} hard "
+        f"kill(s), {result.worker_deaths} worker death(s)",
         flush=True,
     )
     if result.interrupted:
@@ -173,16 +202,21 @@ def worker(
     config: Optional[Path] = ConfigOpt,
     log_dir: Optional[Path] = LogDirOpt,
     index: int = typer.Option(0, "--index", min=0, help="Worker number in the log file name."),
+    max_trials_per_worker: Optional[int] = MaxTrialsPerWorkerOpt,
+    recycle_rss: Optional[str] = RecycleRssOpt,
 ) -> None:
     """Run one worker in this process (what `run` starts N times; start more on other hosts)."""
     opts = _options(
         study=study, objective=objective, n_trials=n_trials, storage=storage, timeout=timeout,
         max_rss=max_rss, direction=direction, sampler=sampler, pruner=pruner, config=config,
-        log_dir=log_dir, workers=None,
+        log_dir=log_dir, workers=None, max_trials_per_worker=max_trials_per_worker,
+        recycle_rss=recycle_rss,
     )  # fmt: skip
     from optguard.worker import run_worker
 
-    run_worker(opts, index)
+    code = run_worker(opts, index)
+    if code:
+        raise typer.Exit(code)
 
 
 def main(argv: Optional[list[str]] = None) -> None:

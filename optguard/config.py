@@ -8,7 +8,16 @@ from pathlib import Path
 from typing import Any, Mapping
 
 from optguard.errors import ConfigError, UsageError
-from optguard.limits import DEFAULT_MAX_RSS, DEFAULT_TIMEOUT_S, Limits, parse_duration, parse_size
+from optguard.limits import (
+    DEFAULT_MAX_RSS,
+    DEFAULT_TIMEOUT_S,
+    Escalation,
+    Limits,
+    parse_duration,
+    parse_percent,
+    parse_ratio,
+    parse_size,
+)
 from optguard.study import DIRECTIONS, PRUNERS, SAMPLERS
 
 __all__ = ["RunOptions", "resolve_options", "CONFIG_KEYS"]
@@ -26,6 +35,13 @@ CONFIG_KEYS: dict[str, tuple[type, ...]] = {
     "sampler": (str,),
     "pruner": (str,),
     "log_dir": (str,),
+    "grace": (str, int, float),
+    "memory_grace": (str, int, float),
+    "kill_after": (str, int, float),
+    "memory_ceiling": (int, float),
+    "max_system_ram": (int, float, str),
+    "max_trials_per_worker": (int,),
+    "recycle_rss": (str, int),
 }
 
 
@@ -43,6 +59,9 @@ class RunOptions:
     sampler: str = "tpe"
     pruner: str = "median"
     log_dir: Path = Path("logs")
+    escalation: Escalation = Escalation()
+    max_trials_per_worker: int | None = None
+    recycle_rss: int | None = None
 
     def with_storage(self, url: str) -> "RunOptions":
         return replace(self, storage=url)
@@ -89,7 +108,7 @@ def resolve_options(flags: Mapping[str, Any], config: Path | None = None) -> Run
         value = merged.get(key)
         if not isinstance(value, str) or not value.strip():
             raise UsageError(f"missing required option {_option_name(key, False, None)}")
-    for key in ("workers", "n_trials"):
+    for key in ("workers", "n_trials", "max_trials_per_worker"):
         value = merged.get(key)
         if value is not None and value < 1:
             raise UsageError(f"{name(key)} must be at least 1, got {value}")
@@ -104,6 +123,18 @@ def resolve_options(flags: Mapping[str, Any], config: Path | None = None) -> Run
         timeout_s=DEFAULT_TIMEOUT_S if timeout is None else parse_duration(timeout, name("timeout")),
         max_rss_bytes=DEFAULT_MAX_RSS if max_rss is None else parse_size(max_rss, name("max_rss")),
     )
+    def parsed(key: str, parse: Any, default: Any) -> Any:
+        value = merged.get(key)
+        return default if value is None else parse(value, name(key))
+
+    base = Escalation()
+    escalation = Escalation(
+        grace_s=parsed("grace", parse_duration, base.grace_s),
+        memory_grace_s=parsed("memory_grace", parse_duration, base.memory_grace_s),
+        kill_after_s=parsed("kill_after", parse_duration, base.kill_after_s),
+        memory_ceiling=parsed("memory_ceiling", parse_ratio, base.memory_ceiling),
+        max_system_ram_pct=parsed("max_system_ram", parse_percent, base.max_system_ram_pct),
+    )
     defaults = RunOptions(study="", objective="")
     return RunOptions(
         study=merged["study"],
@@ -116,4 +147,7 @@ def resolve_options(flags: Mapping[str, Any], config: Path | None = None) -> Run
         sampler=merged.get("sampler", defaults.sampler),
         pruner=merged.get("pruner", defaults.pruner),
         log_dir=Path(merged.get("log_dir", defaults.log_dir)),
+        escalation=escalation,
+        max_trials_per_worker=merged.get("max_trials_per_worker"),
+        recycle_rss=parsed("recycle_rss", parse_size, None),
     )

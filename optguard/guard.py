@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
-from typing import Any, Callable, Iterable, Iterator, TypeVar
+from typing import Any, Iterable, Iterator, TypeVar
 
 import optuna
 
@@ -22,6 +22,8 @@ T = TypeVar("T")
 
 REASON_TIMEOUT = "timeout"
 REASON_MEMORY = "memory"
+REASON_SYSTEM_MEMORY = "system_memory"
+MEMORY_REASONS = (REASON_MEMORY, REASON_SYSTEM_MEMORY)
 
 
 @dataclass(frozen=True)
@@ -33,13 +35,14 @@ class Violation:
     elapsed_s: float
     rss_bytes: int
     limit: float
+    enforcement: str = "check"  # check, interrupt or hard_kill: which step ended the trial
 
     @property
     def phrase(self) -> str:
         """The words users grep for: ``Trial timeout: 31.2min``, ``Memory limit exceeded: 12.1GB``."""
         if self.reason == REASON_TIMEOUT:
             return f"Trial timeout: {format_minutes(self.elapsed_s)}"
-        if self.reason == REASON_MEMORY:
+        if self.reason in MEMORY_REASONS:
             return f"Memory limit exceeded: {format_gb(self.rss_bytes)}"
         return f"Trial stopped: {self.reason}"
 
@@ -47,9 +50,10 @@ class Violation:
     def detail(self) -> str:
         if self.reason == REASON_TIMEOUT:
             return f"limit {format_minutes(self.limit)}, elapsed {self.elapsed_s:.1f}s > {self.limit:g}s"
-        if self.reason == REASON_MEMORY:
+        if self.reason in MEMORY_REASONS:
+            scope = "system RAM" if self.reason == REASON_SYSTEM_MEMORY else "limit"
             return (
-                f"limit {format_gb(self.limit)}, rss {self.rss_bytes / 1e6:.0f}MB"
+                f"{scope} {format_gb(self.limit)}, rss {self.rss_bytes / 1e6:.0f}MB"
                 f" > {self.limit / 1e6:.0f}MB"
             )
         return f"elapsed {self.elapsed_s:.1f}s"
@@ -69,46 +73,45 @@ class GuardPruned(optuna.TrialPruned):
 class TrialGuard:
     """Limits of one running trial; ``check`` raises ``GuardPruned`` once one is crossed."""
 
-    def __init__(
-        self,
-        trial: optuna.trial.Trial,
-        limits: Limits,
-        on_violation: Callable[[Violation], None] | None = None,
-    ) -> None:
+    def __init__(self, trial: optuna.trial.Trial, limits: Limits) -> None:
         self.trial = trial
         self.number = trial.number
         self.limits = limits
         self.started = time.monotonic()
-        self._on_violation = on_violation
-        self._stop_reason: str | None = None
+        self.peak_rss = 0
+        self._stop: Violation | None = None
 
     def elapsed(self) -> float:
         return time.monotonic() - self.started
 
-    def request_stop(self, reason: str) -> None:
-        """Make the next check prune the trial with ``reason`` (cancel, supervisor interrupt).
+    def request_stop(self, violation: Violation) -> None:
+        """Make the next check prune the trial (a limit seen by the supervisor, a cancel).
 
         Only sets a flag, so it is safe to call from a signal handler.
         """
-        self._stop_reason = reason
+        if self._stop is None:
+            self._stop = violation
+
+    def stop_violation(self, reason: str, rss: int = 0, limit: float = 0.0) -> Violation:
+        return Violation(self.number, reason, self.elapsed(), rss, limit)
 
     def check(self) -> None:
         elapsed = time.monotonic() - self.started
         limits = self.limits
-        if self._stop_reason is not None:
-            self._violate(self._stop_reason, elapsed, 0, 0.0)
+        if self._stop is not None:
+            raise GuardPruned(self._stop)
         if limits.timeout_s is not None and elapsed > limits.timeout_s:
-            self._violate(REASON_TIMEOUT, elapsed, current_rss(), limits.timeout_s)
+            raise GuardPruned(
+                Violation(self.number, REASON_TIMEOUT, elapsed, current_rss(), limits.timeout_s)
+            )
         if limits.max_rss_bytes is not None:
             rss = current_rss()
+            if rss > self.peak_rss:
+                self.peak_rss = rss
             if rss > limits.max_rss_bytes:
-                self._violate(REASON_MEMORY, elapsed, rss, float(limits.max_rss_bytes))
-
-    def _violate(self, reason: str, elapsed: float, rss: int, limit: float) -> None:
-        violation = Violation(self.number, reason, elapsed, rss, limit)
-        if self._on_violation is not None:
-            self._on_violation(violation)
-        raise GuardPruned(violation)
+                raise GuardPruned(
+                    Violation(self.number, REASON_MEMORY, elapsed, rss, float(limits.max_rss_bytes))
+                )
 
     def install(self) -> None:
         """Wrap the trial's ``report`` and ``should_prune`` so each checks the limits first."""

@@ -12,7 +12,16 @@ from dataclasses import dataclass
 
 from optguard.errors import UsageError
 
-__all__ = ["Limits", "parse_duration", "parse_size", "format_gb", "format_minutes"]
+__all__ = [
+    "Limits",
+    "Escalation",
+    "parse_duration",
+    "parse_size",
+    "parse_percent",
+    "parse_ratio",
+    "format_gb",
+    "format_minutes",
+]
 
 _DURATION_UNITS = {"": 1.0, "s": 1.0, "sec": 1.0, "m": 60.0, "min": 60.0, "h": 3600.0, "d": 86400.0}
 _SIZE_UNITS = {
@@ -69,6 +78,23 @@ def parse_size(text: str | int | float, option: str = "size") -> int:
     return size
 
 
+def parse_percent(text: str | int | float, option: str = "percent") -> float:
+    """A percentage in (0, 100], with or without ``%``."""
+    raw = text.strip().removesuffix("%") if isinstance(text, str) else text
+    number, unit = _split(raw, option)
+    if unit or not 0 < number <= 100:
+        raise UsageError(f"{option}: must be a percentage in (0, 100], got {text!r}")
+    return number
+
+
+def parse_ratio(text: str | int | float, option: str = "ratio", minimum: float = 1.0) -> float:
+    """A plain number, at least ``minimum`` (``1.25`` for a ceiling 25% above the limit)."""
+    number, unit = _split(text, option)
+    if unit or not math.isfinite(number) or number < minimum:
+        raise UsageError(f"{option}: must be a number >= {minimum:g}, got {text!r}")
+    return number
+
+
 def format_gb(nbytes: float, digits: int = 1) -> str:
     """``12.1GB`` (decimal GB), the form users grep for."""
     return f"{nbytes / 1e9:.{digits}f}GB"
@@ -85,3 +111,20 @@ class Limits:
 
     timeout_s: float | None = DEFAULT_TIMEOUT_S
     max_rss_bytes: int | None = DEFAULT_MAX_RSS
+
+
+@dataclass(frozen=True)
+class Escalation:
+    """How the supervisor enforces the limits of a trial that never reaches a check.
+
+    After the soft limit: ``grace_s`` (time) or ``memory_grace_s`` (memory, which keeps
+    growing) until the worker is interrupted, then ``kill_after_s`` until its process tree is
+    killed. Memory above ``memory_ceiling`` times the limit is killed at once.
+    ``max_system_ram_pct`` prunes the biggest running trial when the machine runs short.
+    """
+
+    grace_s: float = 60.0
+    memory_grace_s: float = 3.0
+    kill_after_s: float = 5.0
+    memory_ceiling: float = 1.25
+    max_system_ram_pct: float = 90.0

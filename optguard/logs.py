@@ -36,7 +36,8 @@ class _Context(logging.Filter):
 
     def filter(self, record: logging.LogRecord) -> bool:
         record.worker = self.worker
-        record.trial = self.trial if self.trial is not None else _trial
+        if not hasattr(record, "trial"):  # a caller's extra={"trial": n} wins
+            record.trial = self.trial if self.trial is not None else _trial
         return True
 
 

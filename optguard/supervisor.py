@@ -1,9 +1,15 @@
-"""``optguard run``: prepare the storage, start N workers, watch them, replace the ones that die.
+"""``optguard run``: prepare the storage, start N workers, enforce limits from outside.
 
 Modelled on gunicorn's arbiter: signal handlers only count signals; the loop does the
-signalling, reaping, respawning and logging. Each worker runs in its own session, so the
-terminal's Ctrl+C reaches only the supervisor, and a worker's whole process group can be
-signalled without touching anything optguard did not start.
+sampling, signalling, reaping, respawning and logging. Each worker leads its own session, so
+the terminal's Ctrl+C reaches only the supervisor and a worker's process group can be
+signalled without touching anything optguard did not start. The supervisor is a child
+subreaper: a daemon a trial double-forks away is re-parented here, found, and ended.
+
+Escalation for a trial that never reaches a check (each step logged in the worker's log):
+soft (the worker's next check prunes) -> interrupt (``GuardPruned`` raised in the worker's
+main thread) -> kill (SIGTERM then SIGKILL to the worker's process group, the trial marked
+PRUNED here, a replacement worker started).
 """
 
 from __future__ import annotations
@@ -16,11 +22,14 @@ import subprocess
 import sys
 import time
 from collections import deque
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from types import FrameType
-from typing import IO, Callable
+from typing import IO, Any, Callable
 
+import psutil
+
+from optguard import channel, proctree
 from optguard.config import RunOptions
 from optguard.errors import (
     EXIT_STORAGE,
@@ -30,17 +39,21 @@ from optguard.errors import (
     UsageError,
     WorkerCrashError,
 )
+from optguard.guard import REASON_MEMORY, REASON_SYSTEM_MEMORY, REASON_TIMEOUT, Violation
 from optguard.logs import worker_log_path, worker_logger
 from optguard.progress import Progress, read_progress
 from optguard.storage import mask_url, open_storage, resolve_url
-from optguard.worker import ATTR_PREFIX, START_FAILURE
+from optguard.worker import ATTR_PREFIX, EXIT_RECYCLE, START_FAILURE
 
 __all__ = ["run_study", "RunResult", "STORAGE_ENV"]
 
 STORAGE_ENV = "OPTGUARD_STORAGE"  # workers get the URL here, not in argv where `ps` shows it
-POLL_S = 0.1
+POLL_S = 0.1  # memory sampling rate of each worker's tree: 10 Hz
+PIDS_EVERY_S = 1.0  # how often each worker's descendants are listed again
 PROGRESS_EVERY_S = 1.0
 STOP_GRACE_S = 10.0
+ORPHAN_GRACE_S = 2.0
+PSS_FROM = 0.9  # confirm with PSS once summed RSS passes this fraction of the limit
 MAX_CRASHES = 5  # per CRASH_WINDOW_S, across all workers
 CRASH_WINDOW_S = 60.0
 
@@ -55,31 +68,80 @@ class RunResult:
     interrupted: bool
     workers_started: int
     worker_deaths: int
+    interrupts: int
+    hard_kills: int
+
+
+@dataclass
+class _Trial:
+    """The trial a worker runs, as the supervisor watches it."""
+
+    number: int
+    trial_id: int
+    started: float  # the worker's time.monotonic() at the start: one clock per host
+    peak: int = 0
+    peak_sent: int = 0
+    violation: Violation | None = None
+    violation_at: float = 0.0
+    interrupted_at: float | None = None
 
 
 @dataclass
 class _Worker:
     index: int
+    uid: str  # index.spawn: inherited by descendants as OPTGUARD_WORKER
     proc: subprocess.Popen[bytes]
+    log: logging.Logger
     log_path: Path
     out: IO[bytes]
+    status: channel.LineReader
+    control_fd: int
+    ready: bool = False
+    trial: _Trial | None = None
+    pids: list[int] = field(default_factory=list)
+    pids_at: float = 0.0
+    memory: int = 0
+    kill: Violation | None = None
+    kill_at: float = 0.0
+    kill_escalated: bool = False
 
     @property
     def tag(self) -> str:
         return f"{socket.gethostname()}:{self.proc.pid}"
 
+    def command(self, cmd: str, violation: Violation, signum: int) -> None:
+        channel.send(
+            self.control_fd,
+            {
+                "cmd": cmd,
+                "trial": violation.trial_number,
+                "reason": violation.reason,
+                "elapsed_s": violation.elapsed_s,
+                "rss_bytes": violation.rss_bytes,
+                "limit": violation.limit,
+            },
+        )
+        try:
+            os.kill(self.proc.pid, signum)
+        except ProcessLookupError:
+            pass  # it just exited; the loop reaps it
+
+    def close(self) -> None:
+        self.out.close()
+        os.close(self.control_fd)
+        os.close(self.status.fd)
+
 
 @dataclass
 class _Signals:
     count: int = 0
-    names: list[str] = field(default_factory=list)
 
     def handler(self, signum: int, _frame: FrameType | None) -> None:
         self.count += 1  # only a flag: the loop acts on it
 
 
-def prepare_study(opts: RunOptions) -> tuple[str, "object", int]:
-    """Create the schema and the study once, before any worker starts; returns the URL too."""
+def prepare_study(opts: RunOptions) -> tuple[str, Any, int]:
+    """Create the schema and the study once, before any worker starts."""
     import optuna
     import sqlalchemy.exc
 
@@ -91,7 +153,9 @@ def prepare_study(opts: RunOptions) -> tuple[str, "object", int]:
             study_name=opts.study, storage=storage, direction=opts.direction, load_if_exists=True
         )
     except sqlalchemy.exc.SQLAlchemyError as exc:
-        raise StorageError(f"storage {mask_url(url)} refused the study: {type(exc).__name__}") from None
+        raise StorageError(
+            f"storage {mask_url(url)} refused the study: {type(exc).__name__}"
+        ) from None
     if study.direction.name.lower() != opts.direction:
         raise UsageError(
             f"study {opts.study!r} exists with direction {study.direction.name.lower()}, "
@@ -111,29 +175,43 @@ def _worker_argv(opts: RunOptions, index: int) -> list[str]:
         "--pruner", opts.pruner,
         "--log-dir", str(opts.log_dir),
     ]  # fmt: skip
-    if opts.n_trials is not None:
-        argv += ["--n-trials", str(opts.n_trials)]
-    if opts.limits.timeout_s is not None:
-        argv += ["--timeout", repr(opts.limits.timeout_s)]
-    if opts.limits.max_rss_bytes is not None:
-        argv += ["--max-rss", str(opts.limits.max_rss_bytes)]
+    optional = {
+        "--n-trials": opts.n_trials,
+        "--timeout": opts.limits.timeout_s,
+        "--max-rss": opts.limits.max_rss_bytes,
+        "--max-trials-per-worker": opts.max_trials_per_worker,
+        "--recycle-rss": opts.recycle_rss,
+    }
+    for flag, value in optional.items():
+        if value is not None:
+            argv += [flag, repr(value)]
     return argv
 
 
+def _describe_exit(code: int) -> str:
+    if code >= 0:
+        return f"exit code {code}"
+    how = f"signal {signal.Signals(-code).name}"
+    return how + (" (likely the kernel's OOM killer)" if code == -signal.SIGKILL else "")
+
+
 class _Supervisor:
-    def __init__(
-        self, opts: RunOptions, on_progress: Callable[[Progress], None] | None
-    ) -> None:
+    def __init__(self, opts: RunOptions, on_progress: Callable[[Progress], None] | None) -> None:
         self.opts = opts
+        self.esc = opts.escalation
         self.on_progress = on_progress
         self.host = socket.gethostname()
         self.workers: dict[int, _Worker] = {}
         self.signals = _Signals()
         self.crashes: deque[float] = deque()
-        self.started = 0
+        self.spawned = 0
         self.deaths = 0
+        self.interrupts = 0
+        self.hard_kills = 0
         self.stopping_since: float | None = None
         self.fatal: OptguardError | None = None
+        self.orphans: dict[int, tuple[psutil.Process, float]] = {}
+        self.orphans_at = 0.0
 
     # -- workers ---------------------------------------------------------------------------
     def spawn(self, index: int) -> None:
@@ -141,7 +219,16 @@ class _Supervisor:
         log_path = worker_log_path(opts.log_dir, opts.study, self.host, index)
         log_path.parent.mkdir(parents=True, exist_ok=True)
         out = log_path.with_suffix(".out").open("ab")
-        env = dict(os.environ, **{STORAGE_ENV: self.url})
+        status_r, status_w, control_r, control_w = channel.open_pipe_pair()
+        self.spawned += 1
+        uid = f"{index}.{self.spawned}"
+        env = dict(os.environ)
+        env.update({
+            STORAGE_ENV: self.url,
+            channel.STATUS_FD_ENV: str(status_w),
+            channel.CONTROL_FD_ENV: str(control_r),
+            channel.WORKER_ENV: uid,
+        })  # fmt: skip
         proc = subprocess.Popen(
             _worker_argv(opts, index),
             stdin=subprocess.DEVNULL,
@@ -149,60 +236,277 @@ class _Supervisor:
             stderr=subprocess.STDOUT,
             env=env,
             start_new_session=True,
+            pass_fds=(status_w, control_r),
         )
-        self.workers[index] = _Worker(index, proc, log_path, out)
-        self.started += 1
+        os.close(status_w)
+        os.close(control_r)
+        wlog = worker_logger(
+            log_path, f"{index}:{proc.pid}", name=f"optguard.supervisor.w{index}", trial="-"
+        )
+        self.workers[index] = _Worker(
+            index, uid, proc, wlog, log_path, out, channel.LineReader(status_r), control_w
+        )
         _log.info("started worker %d (pid %d)", index, proc.pid)
 
-    def signal_all(self, signum: int) -> None:
-        for worker in self.workers.values():
-            try:
-                os.killpg(worker.proc.pid, signum)
-            except ProcessLookupError:
-                pass  # the group is already gone; it is reaped in the loop
+    def _log(self, worker: _Worker, level: int, number: int | None, msg: str) -> None:
+        worker.log.log(level, msg, extra={"trial": "-" if number is None else number})
 
-    def fail_running_trials(self, worker: _Worker, reason: str, detail: str) -> list[int]:
-        """Mark the trials a dead worker left RUNNING as FAIL, with why, so none stays RUNNING."""
+    def read_status(self, worker: _Worker) -> None:
+        for event in worker.status.read():
+            kind = event.get("event")
+            if kind == "ready":
+                worker.ready = True
+            elif kind == "start":
+                worker.trial = _Trial(event["trial"], event["trial_id"], event["started"])
+                worker.pids_at = 0.0
+            elif kind == "end" and worker.trial and worker.trial.number == event.get("trial"):
+                worker.trial = None
+                self.orphans_at = 0.0  # look for what the trial double-forked away, now
+
+    # -- the watch: time and memory of each running trial ----------------------------------
+    def measure(self, worker: _Worker, now: float) -> int:
+        if now - worker.pids_at > PIDS_EVERY_S:
+            worker.pids = proctree.tree_pids(worker.proc.pid)
+            worker.pids_at = now
+        memory = proctree.rss_of(worker.pids)
+        limit = self.opts.limits.max_rss_bytes
+        if limit is not None and len(worker.pids) > 1 and memory > limit * PSS_FROM:
+            memory = proctree.pss_of(worker.pids)  # shared pages counted once, not per process
+        worker.memory = memory
+        return memory
+
+    def watch(self, worker: _Worker, now: float) -> None:
+        trial = worker.trial
+        if trial is None or worker.kill is not None:
+            return
+        memory = self.measure(worker, now)
+        if memory > trial.peak:
+            trial.peak = memory
+            if memory > trial.peak_sent * 1.02:
+                trial.peak_sent = memory
+                channel.send(
+                    worker.control_fd, {"cmd": "peak", "trial": trial.number, "bytes": memory}
+                )
+        elapsed = time.monotonic() - trial.started
+        limits, esc = self.opts.limits, self.esc
+        limit = limits.max_rss_bytes
+        if limit is not None and memory > limit:
+            violation = Violation(trial.number, REASON_MEMORY, elapsed, memory, float(limit))
+            if memory > limit * esc.memory_ceiling:
+                self._log(
+                    worker, logging.WARNING, trial.number,
+                    f"Trial #{trial.number}: memory {memory / 1e6:.0f}MB is above the ceiling "
+                    f"{esc.memory_ceiling:g}x the limit {limit / 1e6:.0f}MB: killing at once",
+                )  # fmt: skip
+                self.begin_kill(worker, violation)
+                return
+            if trial.violation is None:
+                trial.violation, trial.violation_at = violation, now
+                self._log(
+                    worker, logging.WARNING, trial.number,
+                    f"Trial #{trial.number}: {violation.phrase} ({violation.detail}); "
+                    f"pruning at its next check [soft]",
+                )  # fmt: skip
+                worker.command("soft", violation, signal.SIGUSR1)
+            elif trial.interrupted_at is None and now - trial.violation_at > esc.memory_grace_s:
+                self.interrupt(worker, trial, violation)
+        if (
+            limits.timeout_s is not None
+            and trial.interrupted_at is None
+            and elapsed > limits.timeout_s + esc.grace_s
+        ):
+            violation = Violation(trial.number, REASON_TIMEOUT, elapsed, memory, limits.timeout_s)
+            self.interrupt(worker, trial, violation)
+        if (
+            trial.interrupted_at is not None
+            and trial.violation is not None
+            and now - trial.interrupted_at > esc.kill_after_s
+        ):
+            self.begin_kill(worker, replace(trial.violation, elapsed_s=elapsed))
+
+    def interrupt(self, worker: _Worker, trial: _Trial, violation: Violation) -> None:
+        trial.violation = violation
+        trial.interrupted_at = time.monotonic()
+        self.interrupts += 1
+        self._log(
+            worker, logging.WARNING, trial.number,
+            f"Trial #{trial.number}: {violation.phrase} ({violation.detail}); no check within "
+            f"the grace period: interrupting the worker [interrupt]",
+        )  # fmt: skip
+        worker.command("interrupt", violation, signal.SIGUSR1)
+
+    def watch_system_memory(self) -> None:
+        """Prune the biggest running trial when the machine's used RAM crosses the threshold."""
+        vm = psutil.virtual_memory()
+        if vm.percent <= self.esc.max_system_ram_pct:
+            return
+        busy = [w for w in self.workers.values() if w.trial is not None and w.kill is None]
+        if not busy or any(w.trial and w.trial.interrupted_at for w in busy):
+            return  # one at a time: wait for the trial already being pruned
+        worker = max(busy, key=lambda w: w.memory)
+        trial = worker.trial
+        if trial is None:
+            return
+        threshold = vm.total * self.esc.max_system_ram_pct / 100
+        violation = Violation(
+            trial.number, REASON_SYSTEM_MEMORY, time.monotonic() - trial.started,
+            worker.memory, threshold,
+        )  # fmt: skip
+        self._log(
+            worker, logging.WARNING, trial.number,
+            f"System RAM at {vm.percent:.1f}% > {self.esc.max_system_ram_pct:g}%: trial "
+            f"#{trial.number} uses the most ({worker.memory / 1e6:.0f}MB)",
+        )  # fmt: skip
+        self.interrupt(worker, trial, violation)
+
+    # -- killing -----------------------------------------------------------------------------
+    def begin_kill(self, worker: _Worker, violation: Violation) -> None:
+        worker.kill = violation
+        worker.kill_at = time.monotonic()
+        self._log(
+            worker, logging.ERROR, violation.trial_number,
+            f"Trial #{violation.trial_number}: killing worker pid {worker.proc.pid} and its "
+            f"process tree (SIGTERM, SIGKILL after {self.esc.kill_after_s:g}s) [hard_kill]",
+        )  # fmt: skip
+        worker.command("kill", violation, signal.SIGTERM)
+        proctree.kill_group(worker.proc.pid, signal.SIGTERM)
+        for pid in worker.pids:
+            try:
+                os.kill(pid, signal.SIGTERM)  # descendants that left the group (setsid)
+            except (ProcessLookupError, PermissionError):
+                pass  # already gone
+
+    def escalate_kills(self, now: float) -> None:
+        for worker in self.workers.values():
+            if worker.kill is not None and not worker.kill_escalated:
+                if now - worker.kill_at > self.esc.kill_after_s:
+                    worker.kill_escalated = True
+                    proctree.kill_group(worker.proc.pid, signal.SIGKILL)
+                    for pid in worker.pids:
+                        try:
+                            os.kill(pid, signal.SIGKILL)
+                        except (ProcessLookupError, PermissionError):
+                            pass  # already gone
+
+    def sweep_orphans(self, now: float) -> None:
+        """End processes re-parented here whose worker is idle, gone, or unknown; reap zombies."""
+        if now - self.orphans_at < PIDS_EVERY_S:
+            return
+        self.orphans_at = now
+        worker_pids = {w.proc.pid for w in self.workers.values()}
+        busy = {w.uid for w in self.workers.values() if w.trial is not None and w.kill is None}
+        try:
+            children = psutil.Process().children()
+        except psutil.Error:
+            return
+        for child in children:
+            if child.pid in worker_pids:
+                continue
+            try:
+                if child.status() == psutil.STATUS_ZOMBIE:
+                    os.waitpid(child.pid, os.WNOHANG)
+                    self.orphans.pop(child.pid, None)
+                    continue
+            except (psutil.Error, ChildProcessError):
+                continue  # gone already
+            if child.pid in self.orphans:
+                proc, since = self.orphans[child.pid]
+                if now - since > ORPHAN_GRACE_S:
+                    try:
+                        proc.kill()
+                    except psutil.Error:
+                        pass  # exited meanwhile
+                continue
+            owner = proctree.worker_of(child.pid, channel.WORKER_ENV)
+            if owner in busy:
+                continue  # the trial that started it is still running
+            try:
+                child.terminate()
+            except psutil.Error:
+                continue
+            self.orphans[child.pid] = (child, now)
+            _log.info("ended orphan pid %d of worker %s", child.pid, owner)
+
+    # -- exits -------------------------------------------------------------------------------
+    def mark_trial(self, worker: _Worker, state: Any, attrs: dict[str, Any]) -> list[int]:
+        """Finish the trials a dead worker left RUNNING, so none stays RUNNING."""
+        from optuna.exceptions import UpdateFinishedTrialError
         from optuna.trial import TrialState
 
-        failed = []
+        marked = []
         for trial in self.storage.get_all_trials(
             self.study_id, deepcopy=False, states=(TrialState.RUNNING,)
         ):
             if trial.user_attrs.get(ATTR_PREFIX + "worker") != worker.tag:
                 continue
-            self.storage.set_trial_user_attr(trial._trial_id, ATTR_PREFIX + "reason", reason)
-            self.storage.set_trial_user_attr(trial._trial_id, ATTR_PREFIX + "error", detail)
-            self.storage.set_trial_state_values(trial._trial_id, TrialState.FAIL)
-            failed.append(trial.number)
-        return failed
+            try:
+                for key, value in attrs.items():
+                    self.storage.set_trial_user_attr(trial._trial_id, ATTR_PREFIX + key, value)
+                self.storage.set_trial_state_values(trial._trial_id, state)
+            except UpdateFinishedTrialError:
+                continue  # the worker told it just before it died
+            marked.append(trial.number)
+        return marked
 
     def on_exit(self, worker: _Worker, code: int) -> None:
+        from optuna.trial import TrialState
+
         del self.workers[worker.index]
-        worker.out.close()
-        if code == 0:
-            return
-        if code in (EXIT_USAGE, EXIT_STORAGE):
+        self.read_status(worker)
+        worker.close()
+        self.orphans_at = 0.0
+        if worker.kill is not None:
+            self.record_kill(worker, code)
+        elif code == EXIT_RECYCLE:
+            self._log(worker, logging.INFO, None, "Worker recycled: starting a fresh one")
+        elif code in (EXIT_USAGE, EXIT_STORAGE) and not worker.ready:
             self.fatal = self.fatal or _start_failure(worker.log_path, code)
             return
-        how = f"signal {signal.Signals(-code).name}" if code < 0 else f"exit code {code}"
-        if code == -signal.SIGKILL:
-            how += " (likely the kernel's OOM killer)"
-        stopping = self.stopping_since is not None
-        reason = "interrupted" if stopping else "worker_died"
-        detail = f"worker {worker.tag} died: {how}"
-        failed = self.fail_running_trials(worker, reason, detail)
-        wlog = worker_logger(
-            worker.log_path, f"{worker.index}:{worker.proc.pid}",
-            name=f"optguard.supervisor.w{worker.index}",
-            trial=",".join(map(str, failed)) or "-",
-        )  # fmt: skip
-        for number in failed:
-            wlog.error("Trial #%d failed: %s (%s)", number, reason, detail)
-        if stopping:
+        elif code != 0:
+            how = _describe_exit(code)
+            stopping = self.stopping_since is not None
+            reason = "interrupted" if stopping else "worker_died"
+            detail = f"worker {worker.tag} died: {how}"
+            for number in self.mark_trial(
+                worker, TrialState.FAIL, {"reason": reason, "error": detail}
+            ):
+                self._log(worker, logging.ERROR, number, f"Trial #{number} failed: {reason} ({detail})")
+            if not stopping:
+                self.deaths += 1
+                self._log(worker, logging.ERROR, None, f"Worker died: {how}; starting a replacement")
+                if self.too_many_crashes(how, worker):
+                    return
+        else:
+            return  # done: the study has its trials or the worker was stopped
+        if self.stopping_since is None:
+            self.spawn(worker.index)
+
+    def record_kill(self, worker: _Worker, code: int) -> None:
+        from optuna.trial import TrialState
+
+        violation = worker.kill
+        if violation is None:
             return
-        self.deaths += 1
-        wlog.error("Worker died: %s; starting a replacement", how)
+        trial = worker.trial
+        attrs = {
+            "reason": violation.reason,
+            "elapsed_s": round(violation.elapsed_s, 3),
+            "rss_bytes": violation.rss_bytes,
+            "limit": violation.limit,
+            "enforcement": "hard_kill",
+            "hard_kill": True,
+            "peak_rss_bytes": trial.peak if trial else violation.rss_bytes,
+        }
+        marked = self.mark_trial(worker, TrialState.PRUNED, attrs)
+        self.hard_kills += 1
+        line = replace(violation, enforcement="hard_kill").log_line()
+        self._log(
+            worker, logging.ERROR, violation.trial_number,
+            f"{line} [hard_kill: worker {_describe_exit(code)}; "
+            f"trial {'marked PRUNED' if marked else 'already finished'}]",
+        )  # fmt: skip
+
+    def too_many_crashes(self, how: str, worker: _Worker) -> bool:
         now = time.monotonic()
         self.crashes.append(now)
         while self.crashes and now - self.crashes[0] > CRASH_WINDOW_S:
@@ -212,38 +516,21 @@ class _Supervisor:
                 f"{len(self.crashes)} worker deaths within {CRASH_WINDOW_S:.0f}s "
                 f"(last: {how}); see {worker.log_path}"
             )
-            return
-        self.spawn(worker.index)
+            return True
+        return False
 
-    # -- loop ------------------------------------------------------------------------------
+    # -- loop --------------------------------------------------------------------------------
     def run(self) -> RunResult:
         start = time.monotonic()
         self.url, self.storage, self.study_id = prepare_study(self.opts)
+        proctree.become_subreaper()
         previous = {s: signal.signal(s, self.signals.handler) for s in (signal.SIGINT, signal.SIGTERM)}
         try:
-            progress = read_progress(self.storage, self.study_id)
             n = self.opts.n_trials
-            if n is None or progress.finished < n:
+            if n is None or read_progress(self.storage, self.study_id).finished < n:
                 for index in range(self.opts.workers):
                     self.spawn(index)
-            last_progress = 0.0
-            while self.workers:
-                if (self.signals.count or self.fatal) and self.stopping_since is None:
-                    self.stopping_since = time.monotonic()
-                    self.signal_all(signal.SIGTERM)
-                elif (
-                    self.stopping_since is not None
-                    and time.monotonic() - self.stopping_since > STOP_GRACE_S
-                ):
-                    self.signal_all(signal.SIGKILL)
-                for worker in list(self.workers.values()):
-                    code = worker.proc.poll()
-                    if code is not None:
-                        self.on_exit(worker, code)
-                if self.on_progress and time.monotonic() - last_progress > PROGRESS_EVERY_S:
-                    last_progress = time.monotonic()
-                    self.on_progress(read_progress(self.storage, self.study_id))
-                time.sleep(POLL_S)
+            self.loop()
         finally:
             for signum, handler in previous.items():
                 signal.signal(signum, handler)
@@ -257,9 +544,40 @@ class _Supervisor:
             n_trials=self.opts.n_trials,
             seconds=time.monotonic() - start,
             interrupted=self.signals.count > 0,
-            workers_started=self.started,
+            workers_started=self.spawned,
             worker_deaths=self.deaths,
+            interrupts=self.interrupts,
+            hard_kills=self.hard_kills,
         )
+
+    def loop(self) -> None:
+        last_progress = 0.0
+        while self.workers or self.orphans:
+            now = time.monotonic()
+            if (self.signals.count or self.fatal) and self.stopping_since is None:
+                self.stopping_since = now
+                for worker in self.workers.values():
+                    proctree.kill_group(worker.proc.pid, signal.SIGTERM)
+            elif self.stopping_since is not None and now - self.stopping_since > STOP_GRACE_S:
+                for worker in self.workers.values():
+                    proctree.kill_group(worker.proc.pid, signal.SIGKILL)
+            for worker in list(self.workers.values()):
+                self.read_status(worker)
+                code = worker.proc.poll()
+                if code is not None:
+                    self.on_exit(worker, code)
+                elif self.stopping_since is None:
+                    self.watch(worker, now)
+            self.escalate_kills(now)
+            if self.stopping_since is None:
+                self.watch_system_memory()
+            self.sweep_orphans(now)
+            if not self.workers:
+                self.orphans = {p: v for p, v in self.orphans.items() if v[0].is_running()}
+            if self.on_progress and now - last_progress > PROGRESS_EVERY_S:
+                last_progress = now
+                self.on_progress(read_progress(self.storage, self.study_id))
+            time.sleep(POLL_S)
 
 
 def _start_failure(log_path: Path, code: int) -> OptguardError:

@@ -2,6 +2,8 @@
 
 ``optguard run`` starts N of these as ``optguard worker``; the same command can be started by
 hand on another host or by a scheduler, since all coordination goes through the storage.
+Under a supervisor the worker also reports each trial's start and end on a status pipe and
+obeys the supervisor's commands (see ``optguard.channel``).
 """
 
 from __future__ import annotations
@@ -14,14 +16,15 @@ import signal
 import socket
 import time
 import traceback
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from types import FrameType
 from typing import Any, Callable
 
 import optuna
+import psutil
 from optuna.trial import TrialState
 
-from optguard import guard as guard_mod
+from optguard import channel, guard as guard_mod, proctree
 from optguard.cleanup import release_memory
 from optguard.config import RunOptions
 from optguard.errors import OptguardError
@@ -32,11 +35,13 @@ from optguard.objective import error_line, load_objective
 from optguard.storage import TrialSlots, mask_url, open_storage, resolve_url
 from optguard.study import make_pruner, make_sampler
 
-__all__ = ["run_worker", "WorkerIdentity", "ATTR_PREFIX", "START_FAILURE"]
+__all__ = ["run_worker", "WorkerIdentity", "ATTR_PREFIX", "START_FAILURE", "EXIT_RECYCLE"]
 
 ATTR_PREFIX = "optguard."
 START_FAILURE = "Worker cannot start:"
 REASON_INTERRUPTED = "interrupted"
+EXIT_RECYCLE = 75  # "replace me": the supervisor starts a fresh worker, not counted as a death
+LEFTOVER_GRACE_S = 2.0  # SIGTERM to SIGKILL for processes a trial left running
 
 
 @dataclass(frozen=True)
@@ -72,27 +77,102 @@ def _as_value(result: Any) -> tuple[float | None, str | None]:
     return value, None
 
 
-class _StopFlag:
-    """Set by SIGTERM/SIGINT: take no new trial, prune the running one at its next check.
+class _Supervised:
+    """Signals and supervisor commands, as seen from inside the worker.
 
-    A second SIGINT raises ``KeyboardInterrupt`` as Python normally would, for a worker run
-    by hand whose objective never reaches a check.
+    SIGTERM/SIGINT: take no new trial and prune the running one at its next check (a second
+    SIGINT raises ``KeyboardInterrupt``, for a worker run by hand). SIGUSR1: a command waits on
+    the control pipe. An ``interrupt`` raises ``GuardPruned`` right in the main thread when the
+    objective is running: the one handler here that does more than set a flag, because
+    interrupting a trial stuck in a loop, a sleep or a lock wait is its whole point.
     """
 
     def __init__(self) -> None:
-        self.reason: str | None = None
+        status = os.environ.pop(channel.STATUS_FD_ENV, None)
+        control = os.environ.pop(channel.CONTROL_FD_ENV, None)
+        self.status_fd = int(status) if status else None
+        self.control = channel.LineReader(int(control)) if control else None
+        self.stop_reason: str | None = None
+        self.guard: TrialGuard | None = None
+        self.in_objective = False
+        self.tree_peak = 0
 
     def install(self) -> None:
-        signal.signal(signal.SIGTERM, self._handle)
-        signal.signal(signal.SIGINT, self._handle)
+        signal.signal(signal.SIGTERM, self._on_term)
+        signal.signal(signal.SIGINT, self._on_term)
+        signal.signal(signal.SIGUSR1, self._on_command)
+        os.register_at_fork(after_in_child=self._in_child)
 
-    def _handle(self, signum: int, _frame: FrameType | None) -> None:
-        if self.reason is not None and signum == signal.SIGINT:
+    def _in_child(self) -> None:
+        """A process the objective forks must not inherit the worker's role."""
+        for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1):
+            signal.signal(signum, signal.SIG_DFL)
+        for fd in (self.status_fd, self.control.fd if self.control else None):
+            if fd is not None:
+                try:
+                    os.close(fd)
+                except OSError:
+                    pass  # already closed in this child
+        self.status_fd = None
+        self.control = None
+
+    def report(self, event: str, **fields: Any) -> None:
+        if self.status_fd is not None:
+            channel.send(self.status_fd, {"event": event, **fields})
+
+    def begin(self, guard: TrialGuard) -> None:
+        self.guard = guard
+        self.tree_peak = 0
+
+    def end(self) -> None:
+        """Read what is left on the control pipe (peaks), with the command signals blocked."""
+        blocked = {signal.SIGUSR1, signal.SIGTERM}
+        signal.pthread_sigmask(signal.SIG_BLOCK, blocked)
+        try:
+            self._apply(self._drain(), raise_now=False)
+        finally:
+            self.guard = None
+            signal.pthread_sigmask(signal.SIG_UNBLOCK, blocked)
+
+    def _drain(self) -> list[dict[str, Any]]:
+        return self.control.read() if self.control is not None else []
+
+    def _on_term(self, signum: int, _frame: FrameType | None) -> None:
+        if self.stop_reason is not None and signum == signal.SIGINT:
             raise KeyboardInterrupt
-        self.reason = REASON_INTERRUPTED
-        active = guard_mod.active_guard()
-        if active is not None:
-            active.request_stop(REASON_INTERRUPTED)
+        self.stop_reason = REASON_INTERRUPTED
+        self._apply(self._drain(), raise_now=False)
+        if self.guard is not None:
+            self.guard.request_stop(self.guard.stop_violation(REASON_INTERRUPTED))
+
+    def _on_command(self, _signum: int, _frame: FrameType | None) -> None:
+        self._apply(self._drain(), raise_now=self.in_objective)
+
+    def _apply(self, messages: list[dict[str, Any]], raise_now: bool) -> None:
+        guard = self.guard
+        if guard is None:
+            return
+        interrupt: Violation | None = None
+        for msg in messages:
+            if msg.get("trial") != guard.number:
+                continue  # about a trial this worker already finished
+            cmd = msg.get("cmd")
+            if cmd == "peak":
+                self.tree_peak = max(self.tree_peak, int(msg["bytes"]))
+                continue
+            violation = Violation(
+                guard.number,
+                str(msg["reason"]),
+                float(msg["elapsed_s"]),
+                int(msg["rss_bytes"]),
+                float(msg["limit"]),
+                enforcement={"soft": "check", "interrupt": "interrupt"}.get(cmd, "hard_kill"),
+            )
+            guard.request_stop(violation)
+            if cmd == "interrupt":
+                interrupt = violation
+        if interrupt is not None and raise_now:
+            raise GuardPruned(interrupt)
 
 
 class _TrialRunner:
@@ -103,36 +183,52 @@ class _TrialRunner:
         opts: RunOptions,
         identity: WorkerIdentity,
         log: logging.Logger,
+        supervised: _Supervised,
     ) -> None:
         self.study = study
         self.objective = objective
         self.opts = opts
         self.identity = identity
         self.log = log
+        self.supervised = supervised
+        # Children alive before the first trial (a pool the objective's module started) are
+        # the objective's own; only processes started during a trial are ended after it.
+        self.own_children = {c.pid for c in psutil.Process().children(recursive=True)}
+        self.last_final_rss = 0
 
     def _record_violation(self, trial: optuna.trial.Trial, violation: Violation) -> None:
-        self.log.warning(violation.log_line())
+        self.log.warning(violation.log_line() + f" [{violation.enforcement}]")
         trial.set_user_attr(ATTR_PREFIX + "reason", violation.reason)
         trial.set_user_attr(ATTR_PREFIX + "elapsed_s", round(violation.elapsed_s, 3))
         trial.set_user_attr(ATTR_PREFIX + "rss_bytes", violation.rss_bytes)
         trial.set_user_attr(ATTR_PREFIX + "limit", violation.limit)
-        if violation.reason == guard_mod.REASON_MEMORY:
-            release_memory()  # give memory back before the pruned trial unwinds
+        trial.set_user_attr(ATTR_PREFIX + "enforcement", violation.enforcement)
+        if violation.reason in guard_mod.MEMORY_REASONS:
+            release_memory()  # give the memory back before the pruned trial is told
 
     def run(self, trial: optuna.trial.Trial) -> TrialState:
         number = trial.number
         set_trial(number)
         trial.set_user_attr(ATTR_PREFIX + "worker", self.identity.tag)
+        guard = TrialGuard(trial, self.opts.limits)
+        self.supervised.report(
+            "start", trial=number, trial_id=trial._trial_id, started=guard.started
+        )
         self.log.info("Trial #%d started", number)
-        guard = TrialGuard(trial, self.opts.limits, lambda v: self._record_violation(trial, v))
         guard.install()
+        self.supervised.begin(guard)
         value: float | None = None
         error: str | None = None
+        violation: Violation | None = None
         state = TrialState.FAIL
         try:
-            result = self.objective(trial)
-        except GuardPruned:
-            state = TrialState.PRUNED  # logged and recorded by _record_violation
+            self.supervised.in_objective = True
+            try:
+                result = self.objective(trial)
+            finally:
+                self.supervised.in_objective = False
+        except GuardPruned as exc:
+            state, violation = TrialState.PRUNED, exc.violation
         except optuna.TrialPruned as exc:
             state = TrialState.PRUNED
             self.log.info("Trial #%d pruned by the objective or pruner: %s", number, str(exc) or "-")
@@ -151,9 +247,18 @@ class _TrialRunner:
         finally:
             guard.uninstall()
         duration = guard.elapsed()
+        if violation is not None:
+            if violation.enforcement != "check":
+                violation = replace(violation, elapsed_s=duration)
+            self._record_violation(trial, violation)
         if error is not None:
             self.log.error("Trial #%d failed: %s", number, error)
             trial.set_user_attr(ATTR_PREFIX + "error", error)
+        self._end_leftovers(number)
+        self.supervised.end()
+        peak = max(guard.peak_rss, self.supervised.tree_peak)
+        if peak:
+            trial.set_user_attr(ATTR_PREFIX + "peak_rss_bytes", peak)
         self._finish(trial, state, value)
         self.log.info(
             "Trial #%d finished: state=%s value=%s duration=%.2fs",
@@ -162,12 +267,33 @@ class _TrialRunner:
             "-" if value is None else f"{value:.6g}",
             duration,
         )
+        self.supervised.report("end", trial=number, state=state.name)
         set_trial(None)
         return state
+
+    def _end_leftovers(self, number: int) -> None:
+        """End what the trial started and left running (a server, a ``sleep 1000``)."""
+        try:
+            children = psutil.Process().children(recursive=True)
+        except psutil.Error:
+            return  # cannot list: nothing to end
+        leftovers = [c for c in children if c.pid not in self.own_children]
+        if not leftovers:
+            return
+        termed, killed = proctree.terminate(leftovers, LEFTOVER_GRACE_S)
+        self.log.warning(
+            "Trial #%d left %d process(es) running: sent SIGTERM to %d, SIGKILL to %d (pids %s)",
+            number,
+            len(leftovers),
+            termed,
+            killed,
+            ",".join(str(c.pid) for c in leftovers),
+        )
 
     def _finish(self, trial: optuna.trial.Trial, state: TrialState, value: float | None) -> None:
         """Clean up, record the final memory, then tell: a finished trial is read-only."""
         report = release_memory()
+        self.last_final_rss = report.rss_after
         trial.set_user_attr(ATTR_PREFIX + "final_rss_bytes", report.rss_after)
         self.log.info(
             "Trial #%d final memory: %s (freed %.1fMB in %.1fms, gc collected %d objects)",
@@ -196,8 +322,23 @@ def _open_study(opts: RunOptions, url: str) -> tuple[optuna.Study, TrialSlots]:
     return study, TrialSlots(storage, opts.study)
 
 
+def _recycle_reason(opts: RunOptions, ran: int, final_rss: int) -> str | None:
+    if opts.max_trials_per_worker is not None and ran >= opts.max_trials_per_worker:
+        return f"{ran} trials (--max-trials-per-worker {opts.max_trials_per_worker})"
+    if opts.recycle_rss is not None and final_rss > opts.recycle_rss:
+        return (
+            f"memory after cleanup {format_gb(final_rss, 2)} > "
+            f"--recycle-rss {format_gb(opts.recycle_rss, 2)}"
+        )
+    return None
+
+
 def run_worker(opts: RunOptions, index: int = 0) -> int:
-    """Run trials until the study has ``n_trials`` or a stop signal; return how many ran."""
+    """Run trials until the study has ``n_trials`` or a stop signal; return the exit code.
+
+    ``EXIT_RECYCLE`` asks the supervisor for a fresh worker (``--max-trials-per-worker``,
+    ``--recycle-rss``): the remedy for leaks that gc and ``malloc_trim`` cannot reclaim.
+    """
     identity = WorkerIdentity.current(index)
     log = worker_logger(
         worker_log_path(opts.log_dir, opts.study, identity.host, index), identity.label
@@ -208,8 +349,8 @@ def run_worker(opts: RunOptions, index: int = 0) -> int:
     for handler in log.handlers:
         optuna_logger.addHandler(handler)  # Optuna's own warnings land in the same file
     optuna.logging.disable_default_handler()
-    stop = _StopFlag()
-    stop.install()
+    supervised = _Supervised()
+    supervised.install()
     url = resolve_url(opts.storage)
     limits = opts.limits
     log.info(
@@ -229,23 +370,30 @@ def run_worker(opts: RunOptions, index: int = 0) -> int:
     # Everything loaded so far (optuna, the objective's modules and data) lives as long as the
     # worker: freezing it keeps the post-trial gc passes from rescanning it after every trial.
     gc.freeze()
-    runner = _TrialRunner(study, objective, opts, identity, log)
+    runner = _TrialRunner(study, objective, opts, identity, log, supervised)
+    supervised.report("ready")
     ran = 0
+    code = 0
     started = time.monotonic()
     try:
-        while stop.reason is None:
+        while supervised.stop_reason is None:
             trial = slots.claim(study, opts.n_trials)
             if trial is None:
                 log.info("Study %s has its %s trials", opts.study, opts.n_trials)
                 break
             runner.run(trial)
             ran += 1
+            recycle = _recycle_reason(opts, ran, runner.last_final_rss)
+            if recycle is not None and supervised.stop_reason is None:
+                log.info("Recycling worker after %s", recycle)
+                code = EXIT_RECYCLE
+                break
     finally:
         slots.close()
     log.info(
         "Worker exiting: %d trials in %.1fs%s",
         ran,
         time.monotonic() - started,
-        f" (stopped: {stop.reason})" if stop.reason else "",
+        f" (stopped: {supervised.stop_reason})" if supervised.stop_reason else "",
     )
-    return ran
+    return code

@@ -12,7 +12,7 @@ import pytest
 
 import optguard
 from optguard.cleanup import release_memory
-from optguard.guard import GuardPruned, TrialGuard, Violation
+from optguard.guard import GuardPruned, TrialGuard
 from optguard.limits import Limits
 
 
@@ -22,8 +22,7 @@ def _trial() -> optuna.trial.Trial:
 
 def test_report_and_should_prune_check_time_first() -> None:
     trial = _trial()
-    seen: list[Violation] = []
-    guard = TrialGuard(trial, Limits(timeout_s=0.05, max_rss_bytes=None), seen.append)
+    guard = TrialGuard(trial, Limits(timeout_s=0.05, max_rss_bytes=None))
     guard.install()
     try:
         trial.report(1.0, 0)  # within the limit: recorded as usual
@@ -35,14 +34,15 @@ def test_report_and_should_prune_check_time_first() -> None:
         guard.uninstall()
     assert isinstance(info.value, optuna.TrialPruned)
     assert str(info.value).startswith("Trial timeout: 0.0min")
-    assert [v.reason for v in seen] == ["timeout"]
-    assert seen[0].elapsed_s > 0.05 and seen[0].limit == 0.05
-    assert seen[0].log_line().startswith(f"Trial #{trial.number} pruned: Trial timeout: ")
+    seen = info.value.violation
+    assert (seen.reason, seen.enforcement) == ("timeout", "check")
+    assert seen.elapsed_s > 0.05 and seen.limit == 0.05
+    assert seen.log_line().startswith(f"Trial #{trial.number} pruned: Trial timeout: ")
 
 
 def test_memory_limit_prunes_at_should_prune() -> None:
     trial = _trial()
-    guard = TrialGuard(trial, Limits(timeout_s=None, max_rss_bytes=1), None)
+    guard = TrialGuard(trial, Limits(timeout_s=None, max_rss_bytes=1))
     guard.install()
     try:
         with pytest.raises(GuardPruned) as info:
@@ -76,8 +76,9 @@ def test_check_and_splits_follow_the_active_guard() -> None:
 def test_request_stop_prunes_at_next_check() -> None:
     trial = _trial()
     guard = TrialGuard(trial, Limits(timeout_s=None, max_rss_bytes=None))
-    guard.request_stop("cancelled")
-    with pytest.raises(GuardPruned, match="cancelled"):
+    guard.request_stop(guard.stop_violation("cancelled"))
+    guard.request_stop(guard.stop_violation("later"))  # the first request wins
+    with pytest.raises(GuardPruned, match="Trial stopped: cancelled"):
         guard.check()
 
 

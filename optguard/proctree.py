@@ -1,0 +1,120 @@
+"""Process trees optguard started: their memory, and ending them.
+
+Only processes descended from optguard's own workers are ever signalled: a worker's process
+group (each worker leads its own session), the descendants a worker finds under itself, and
+orphans re-parented to the supervisor because it is a child subreaper. Never by name or port.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import os
+import signal
+import time
+from typing import Iterable
+
+import psutil
+
+__all__ = [
+    "become_subreaper",
+    "tree_pids",
+    "rss_of",
+    "pss_of",
+    "terminate",
+    "kill_group",
+    "worker_of",
+]
+
+_PR_SET_CHILD_SUBREAPER = 36
+_PAGE = os.sysconf("SC_PAGE_SIZE")
+
+
+def become_subreaper() -> bool:
+    """Make orphaned descendants (double-forked daemons) re-parent to this process."""
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+        return libc.prctl(_PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) == 0
+    except (OSError, AttributeError):
+        return False  # not Linux: orphans go to init and cannot be found afterwards
+
+
+def tree_pids(pid: int) -> list[int]:
+    """``pid`` and all its descendants (empty when ``pid`` is gone)."""
+    try:
+        proc = psutil.Process(pid)
+        return [pid] + [c.pid for c in proc.children(recursive=True)]
+    except psutil.Error:
+        return []
+
+
+def rss_of(pids: Iterable[int]) -> int:
+    """Summed resident memory from ``/proc/<pid>/statm``: cheap, but counts shared pages once
+    per process (copy-on-write children overcount), hence ``pss_of`` before acting."""
+    total = 0
+    for pid in pids:
+        try:
+            with open(f"/proc/{pid}/statm", "rb") as fh:
+                total += int(fh.read().split()[1]) * _PAGE
+        except (OSError, IndexError, ValueError):
+            continue  # exited between listing and reading: it holds no memory
+    return total
+
+
+def pss_of(pids: Iterable[int]) -> int:
+    """Summed proportional set size: shared pages split between the processes sharing them."""
+    total = 0
+    for pid in pids:
+        try:
+            with open(f"/proc/{pid}/smaps_rollup", "rb") as fh:
+                for line in fh:
+                    if line.startswith(b"Pss:"):
+                        total += int(line.split()[1]) * 1024
+                        break
+        except (OSError, IndexError, ValueError):
+            continue  # exited, or no smaps_rollup (old kernel): counted as nothing
+    return total
+
+
+def worker_of(pid: int, env_name: str) -> str | None:
+    """The optguard worker a process descends from, read from its inherited environment."""
+    try:
+        return psutil.Process(pid).environ().get(env_name)
+    except psutil.Error:
+        return None
+
+
+def kill_group(pgid: int, sig: int) -> None:
+    try:
+        os.killpg(pgid, sig)
+    except (ProcessLookupError, PermissionError):
+        pass  # the group is gone (or only zombies are left): nothing to signal
+
+
+def terminate(procs: list[psutil.Process], grace: float) -> tuple[int, int]:
+    """SIGTERM, wait ``grace`` seconds, SIGKILL the survivors, reap. Returns (termed, killed)."""
+    if not procs:
+        return 0, 0
+    for proc in procs:
+        try:
+            proc.send_signal(signal.SIGTERM)
+        except psutil.Error:
+            continue  # already gone
+    _, alive = psutil.wait_procs(procs, timeout=grace)
+    for proc in alive:
+        try:
+            proc.kill()
+        except psutil.Error:
+            continue
+    if alive:
+        psutil.wait_procs(alive, timeout=max(1.0, grace))
+    return len(procs), len(alive)
+
+
+def wait_gone(pid: int, timeout: float) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if not psutil.pid_exists(pid):
+            return True
+        time.sleep(0.02)
+    return not psutil.pid_exists(pid)
