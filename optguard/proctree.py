@@ -23,7 +23,7 @@ __all__ = [
     "pss_of",
     "terminate",
     "kill_group",
-    "worker_of",
+    "environ_of",
 ]
 
 _PR_SET_CHILD_SUBREAPER = 36
@@ -76,12 +76,13 @@ def pss_of(pids: Iterable[int]) -> int:
     return total
 
 
-def worker_of(pid: int, env_name: str) -> str | None:
-    """The optguard worker a process descends from, read from its inherited environment."""
+def environ_of(pid: int, *names: str) -> tuple[str | None, ...]:
+    """Variables of a process's inherited environment: whose descendant it is, and when."""
     try:
-        return psutil.Process(pid).environ().get(env_name)
+        env = psutil.Process(pid).environ()
     except psutil.Error:
-        return None
+        return tuple(None for _ in names)
+    return tuple(env.get(name) for name in names)
 
 
 def kill_group(pgid: int, sig: int) -> None:

@@ -133,6 +133,23 @@ class _Worker:
 
 
 @dataclass
+class _Orphan:
+    """A process re-parented to the supervisor: which worker and trial it came from."""
+
+    proc: psutil.Process
+    worker: str | None
+    trial: str | None
+    termed_at: float | None = None
+
+
+def _signal_proc(proc: psutil.Process, signum: int) -> None:
+    try:
+        proc.send_signal(signum)
+    except psutil.Error:
+        pass  # exited meanwhile
+
+
+@dataclass
 class _Signals:
     count: int = 0
 
@@ -210,7 +227,8 @@ class _Supervisor:
         self.hard_kills = 0
         self.stopping_since: float | None = None
         self.fatal: OptguardError | None = None
-        self.orphans: dict[int, tuple[psutil.Process, float]] = {}
+        self.orphans: dict[int, _Orphan] = {}
+        self.by_uid: dict[str, _Worker] = {}  # every worker this run started, exited ones too
         self.orphans_at = 0.0
 
     # -- workers ---------------------------------------------------------------------------
@@ -243,9 +261,10 @@ class _Supervisor:
         wlog = worker_logger(
             log_path, f"{index}:{proc.pid}", name=f"optguard.supervisor.w{index}", trial="-"
         )
-        self.workers[index] = _Worker(
+        worker = _Worker(
             index, uid, proc, wlog, log_path, out, channel.LineReader(status_r), control_w
         )
+        self.workers[index] = self.by_uid[uid] = worker
         _log.info("started worker %d (pid %d)", index, proc.pid)
 
     def _log(self, worker: _Worker, level: int, number: int | None, msg: str) -> None:
@@ -389,16 +408,21 @@ class _Supervisor:
                             pass  # already gone
 
     def sweep_orphans(self, now: float) -> None:
-        """End processes re-parented here whose worker is idle, gone, or unknown; reap zombies."""
+        """End processes re-parented here once the trial that started them is over.
+
+        An orphan names its worker (and, when it was exec'd, its trial) in its inherited
+        environment; a forked one is pinned to the trial its worker ran when first seen. Zombies
+        are reaped.
+        """
         if now - self.orphans_at < PIDS_EVERY_S:
             return
         self.orphans_at = now
+        by_uid = self.by_uid
         worker_pids = {w.proc.pid for w in self.workers.values()}
-        busy = {w.uid for w in self.workers.values() if w.trial is not None and w.kill is None}
         try:
             children = psutil.Process().children()
         except psutil.Error:
-            return
+            return  # cannot list this process's children now; the next sweep will
         for child in children:
             if child.pid in worker_pids:
                 continue
@@ -409,23 +433,29 @@ class _Supervisor:
                     continue
             except (psutil.Error, ChildProcessError):
                 continue  # gone already
-            if child.pid in self.orphans:
-                proc, since = self.orphans[child.pid]
-                if now - since > ORPHAN_GRACE_S:
-                    try:
-                        proc.kill()
-                    except psutil.Error:
-                        pass  # exited meanwhile
+            orphan = self.orphans.get(child.pid)
+            if orphan is None:
+                uid, trial = proctree.environ_of(child.pid, channel.WORKER_ENV, channel.TRIAL_ENV)
+                owner = by_uid.get(uid or "")
+                if trial is None and owner is not None and owner.trial is not None:
+                    trial = str(owner.trial.number)
+                orphan = self.orphans[child.pid] = _Orphan(child, uid, trial)
+            if orphan.termed_at is not None:
+                if now - orphan.termed_at > ORPHAN_GRACE_S:
+                    _signal_proc(child, signal.SIGKILL)
                 continue
-            owner = proctree.worker_of(child.pid, channel.WORKER_ENV)
-            if owner in busy:
+            owner = by_uid.get(orphan.worker or "")
+            running = None if owner is None or owner.trial is None else str(owner.trial.number)
+            if running is not None and running == orphan.trial:
                 continue  # the trial that started it is still running
-            try:
-                child.terminate()
-            except psutil.Error:
-                continue
-            self.orphans[child.pid] = (child, now)
-            _log.info("ended orphan pid %d of worker %s", child.pid, owner)
+            _signal_proc(child, signal.SIGTERM)
+            orphan.termed_at = now
+            if owner is not None:
+                self._log(
+                    owner, logging.WARNING, None,
+                    f"Ended pid {child.pid} left running by trial #{orphan.trial} "
+                    f"(re-parented to the supervisor)",
+                )  # fmt: skip
 
     # -- exits -------------------------------------------------------------------------------
     def mark_trial(self, worker: _Worker, state: Any, attrs: dict[str, Any]) -> list[int]:
@@ -454,9 +484,10 @@ class _Supervisor:
         del self.workers[worker.index]
         self.read_status(worker)
         worker.close()
+        trial, worker.trial = worker.trial, None  # whatever it ran is over: its orphans can go
         self.orphans_at = 0.0
         if worker.kill is not None:
-            self.record_kill(worker, code)
+            self.record_kill(worker, trial, code)
         elif code == EXIT_RECYCLE:
             self._log(worker, logging.INFO, None, "Worker recycled: starting a fresh one")
         elif code in (EXIT_USAGE, EXIT_STORAGE) and not worker.ready:
@@ -481,13 +512,12 @@ class _Supervisor:
         if self.stopping_since is None:
             self.spawn(worker.index)
 
-    def record_kill(self, worker: _Worker, code: int) -> None:
+    def record_kill(self, worker: _Worker, trial: _Trial | None, code: int) -> None:
         from optuna.trial import TrialState
 
         violation = worker.kill
         if violation is None:
             return
-        trial = worker.trial
         attrs = {
             "reason": violation.reason,
             "elapsed_s": round(violation.elapsed_s, 3),
@@ -552,8 +582,13 @@ class _Supervisor:
 
     def loop(self) -> None:
         last_progress = 0.0
+        idle_since: float | None = None
         while self.workers or self.orphans:
             now = time.monotonic()
+            if not self.workers:
+                idle_since = idle_since or now
+                if now - idle_since > 3 * ORPHAN_GRACE_S:
+                    break  # an orphan that even SIGKILL does not end (D state) is not ours to wait for
             if (self.signals.count or self.fatal) and self.stopping_since is None:
                 self.stopping_since = now
                 for worker in self.workers.values():
@@ -572,8 +607,6 @@ class _Supervisor:
             if self.stopping_since is None:
                 self.watch_system_memory()
             self.sweep_orphans(now)
-            if not self.workers:
-                self.orphans = {p: v for p, v in self.orphans.items() if v[0].is_running()}
             if self.on_progress and now - last_progress > PROGRESS_EVERY_S:
                 last_progress = now
                 self.on_progress(read_progress(self.storage, self.study_id))

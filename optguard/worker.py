@@ -217,6 +217,7 @@ class _TrialRunner:
         self.log.info("Trial #%d started", number)
         guard.install()
         self.supervised.begin(guard)
+        os.environ[channel.TRIAL_ENV] = str(number)
         value: float | None = None
         error: str | None = None
         violation: Violation | None = None
@@ -254,6 +255,7 @@ class _TrialRunner:
         if error is not None:
             self.log.error("Trial #%d failed: %s", number, error)
             trial.set_user_attr(ATTR_PREFIX + "error", error)
+        os.environ.pop(channel.TRIAL_ENV, None)
         self._end_leftovers(number)
         self.supervised.end()
         peak = max(guard.peak_rss, self.supervised.tree_peak)

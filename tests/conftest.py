@@ -75,3 +75,19 @@ def pg_study(study_name: str) -> Iterator[str]:
 @pytest.fixture
 def mysql_study(study_name: str) -> Iterator[str]:
     yield from _server_study(MYSQL_URL, study_name)
+
+
+FAULT_METRICS: list[dict[str, object]] = []
+
+
+def pytest_terminal_summary(terminalreporter: object) -> None:
+    """Print what the fault scenarios measured: the numbers behind the README's table."""
+    if not FAULT_METRICS:
+        return
+    write = terminalreporter.write_line  # type: ignore[attr-defined]
+    write("")
+    write("fault scenario            outcome                          latency_s  overshoot_mb")
+    for m in FAULT_METRICS:
+        latency = "-" if m["latency_s"] is None else f"{m['latency_s']:.2f}"
+        overshoot = "-" if m["overshoot_mb"] is None else f"{m['overshoot_mb']:.0f}"
+        write(f"{m['scenario']:<25} {m['outcome']:<32} {latency:>9}  {overshoot:>12}")

@@ -1,0 +1,153 @@
+"""Fault injection: each scenario a real objective file run by ``optguard run``.
+
+For each: the study still reaches its n_trials, no trial stays RUNNING, no process the
+scenario started is alive afterwards, the first trial ends in the stated state and reason,
+and the log has the lines. Detection latency and memory overshoot are collected and printed
+at the end of the session (see ``conftest.pytest_terminal_summary``).
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import psutil
+import pytest
+from optuna.trial import TrialState
+
+from conftest import FAULT_METRICS, OBJECTIVES, load_trials, log_text, sqlite_url
+
+pytestmark = pytest.mark.scenario
+
+FAST = ["--grace", "1", "--kill-after", "1"]
+TIME = ["--timeout", "1", *FAST]
+MEMORY = ["--max-rss", "400MB", "--memory-grace", "1", *FAST]
+
+
+@dataclass(frozen=True)
+class Scenario:
+    file: str
+    args: tuple[str, ...]
+    state: TrialState
+    reason: str | None = None
+    enforcement: str | None = None
+    log: tuple[str, ...] = ()
+
+
+SCENARIOS = {
+    "busy_loop": Scenario("busy_loop.py", (*TIME,), TrialState.PRUNED, "timeout", "interrupt",
+                          ("Trial #0 pruned: Trial timeout: ", "[interrupt]")),
+    "sleep": Scenario("sleep_forever.py", (*TIME,), TrialState.PRUNED, "timeout", "interrupt",
+                      ("Trial #0 pruned: Trial timeout: ",)),
+    "c_hang": Scenario("c_hang.py", (*TIME,), TrialState.PRUNED, "timeout", "hard_kill",
+                       ("interrupting the worker [interrupt]", "killing worker pid",
+                        "Trial #0 pruned: Trial timeout: ", "[hard_kill: worker signal SIGKILL")),
+    "leak": Scenario("leak.py", (*MEMORY, "--memory-ceiling", "4"), TrialState.PRUNED,
+                     "memory", "interrupt", ("[soft]", "Trial #0 pruned: Memory limit exceeded: ")),
+    "leak_ceiling": Scenario("leak.py", ("--max-rss", "400MB", "--memory-grace", "30", *FAST),
+                             TrialState.PRUNED, "memory", "hard_kill",
+                             ("above the ceiling 1.25x", "Memory limit exceeded: ")),
+    "child_leak": Scenario("child_leak.py", (*MEMORY, "--memory-ceiling", "4"),
+                           TrialState.PRUNED, "memory", "interrupt",
+                           ("Trial #0 pruned: Memory limit exceeded: ", "left 1 process(es)")),
+    "leftovers": Scenario("leftovers.py", (), TrialState.COMPLETE, None, None,
+                          ("Trial #0 left 1 process(es) running", "left running by trial #0")),
+    "ignores_term": Scenario("ignores_term.py", (), TrialState.COMPLETE, None, None,
+                             ("sent SIGTERM to 1, SIGKILL to 1",)),
+    "segfault": Scenario("segfault.py", (), TrialState.FAIL, "worker_died", None,
+                         ("died: signal SIGSEGV", "Worker died: signal SIGSEGV")),
+    "hard_exit": Scenario("hard_exit.py", (), TrialState.FAIL, "worker_died", None,
+                          ("died: exit code 3",)),
+}  # fmt: skip
+
+
+def _command(study: str, scenario: Scenario) -> list[str]:
+    return [
+        sys.executable, "-m", "optguard", "run", "--study", study,
+        "--objective", f"{OBJECTIVES / 'faults' / scenario.file}:objective",
+        "--n-trials", "3", "--pruner", "none", *scenario.args,
+    ]  # fmt: skip
+
+
+def _assert_all_gone(cwd: Path) -> None:
+    pids = [int(x) for x in (cwd / "pids.txt").read_text().split()]
+    assert pids
+    deadline = time.monotonic() + 3
+    alive = pids
+    while alive and time.monotonic() < deadline:
+        alive = [p for p in pids if psutil.pid_exists(p) and _not_zombie(p)]
+        time.sleep(0.05)
+    assert alive == [], f"still alive: {alive}"
+
+
+def _not_zombie(pid: int) -> bool:
+    try:
+        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return False
+
+
+def _check(name: str, scenario: Scenario, cwd: Path, study: str) -> None:
+    trials = load_trials(sqlite_url(cwd), study)
+    assert len(trials) == 3
+    assert all(t.state.is_finished() for t in trials), [t.state for t in trials]
+    first, rest = trials[0], trials[1:]
+    assert [t.state for t in rest] == [TrialState.COMPLETE] * 2
+    assert first.state == scenario.state, first.user_attrs
+    attrs = first.user_attrs
+    assert attrs.get("optguard.reason") == scenario.reason
+    assert attrs.get("optguard.enforcement") == scenario.enforcement
+    assert attrs.get("optguard.hard_kill", False) is (scenario.enforcement == "hard_kill")
+    log = log_text(cwd)
+    for phrase in scenario.log:
+        assert phrase in log, phrase
+    _assert_all_gone(cwd)
+    duration = (first.datetime_complete - first.datetime_start).total_seconds()
+    limit = attrs.get("optguard.limit")
+    FAULT_METRICS.append({
+        "scenario": name,
+        "outcome": f"{first.state.name} {scenario.reason or ''} {scenario.enforcement or ''}",
+        "latency_s": duration - limit if scenario.reason == "timeout" else None,
+        "overshoot_mb": (attrs["optguard.peak_rss_bytes"] - limit) / 1e6
+        if scenario.reason == "memory" else None,
+    })  # fmt: skip
+
+
+@pytest.mark.parametrize("name", SCENARIOS)
+def test_fault(tmp_path: Path, study_name: str, name: str) -> None:
+    scenario = SCENARIOS[name]
+    result = subprocess.run(
+        _command(study_name, scenario), cwd=tmp_path, capture_output=True, text=True, timeout=120
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    _check(name, scenario, tmp_path, study_name)
+
+
+def test_worker_sigkilled_from_outside(tmp_path: Path, study_name: str) -> None:
+    scenario = Scenario("killed.py", (), TrialState.FAIL, "worker_died", None,
+                        ("died: signal SIGKILL (likely the kernel's OOM killer)",))  # fmt: skip
+    proc = subprocess.Popen(
+        _command(study_name, scenario), cwd=tmp_path,
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+    )  # fmt: skip
+    try:
+        deadline = time.monotonic() + 60
+        while not (tmp_path / "victim.txt").exists():
+            assert time.monotonic() < deadline and proc.poll() is None
+            time.sleep(0.05)
+        worker_pid = int((tmp_path / "pids.txt").read_text().split()[0])
+        os.kill(worker_pid, signal.SIGKILL)
+        output, _ = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 0, output
+    _check("sigkill", scenario, tmp_path, study_name)
+    assert load_trials(sqlite_url(tmp_path), study_name)[0].user_attrs["optguard.error"].endswith(
+        "died: signal SIGKILL (likely the kernel's OOM killer)"
+    )
