@@ -225,7 +225,9 @@ def main(argv: Optional[list[str]] = None) -> None:
 
     command = typer.main.get_command(app)
     try:
-        command.main(args=argv, prog_name="optguard", standalone_mode=False)
+        code = command.main(args=argv, prog_name="optguard", standalone_mode=False)
+        if isinstance(code, int) and code:  # typer.Exit(code) comes back as a return value
+            sys.exit(code)
     except typer.Exit as exc:
         sys.exit(exc.exit_code)
     except typer.TyperException as exc:  # click's usage errors, as vendored by typer

@@ -38,7 +38,7 @@ class Progress:
         return (
             f"{self.finished}/{total} finished, {self.running} running, "
             f"complete={self.states.get('COMPLETE', 0)} pruned={self.states.get('PRUNED', 0)} "
-            f"failed={self.states.get('FAIL', 0)}, best={best}, guard prunes: {reasons}"
+            f"failed={self.states.get('FAIL', 0)}, best={best}, ended by optguard: {reasons}"
         )
 
 

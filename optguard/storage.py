@@ -206,9 +206,11 @@ class TrialSlots:
             acquire = text("SELECT pg_advisory_lock(:k)").bindparams(k=zlib.crc32(key.encode()))
             release = text("SELECT pg_advisory_unlock(:k)").bindparams(k=zlib.crc32(key.encode()))
         else:
-            acquire = text("SELECT GET_LOCK(:k, -1)").bindparams(k=key[:64])
+            # MariaDB reads a negative timeout as zero: wait in bounded steps instead.
+            acquire = text("SELECT GET_LOCK(:k, 60)").bindparams(k=key[:64])
             release = text("SELECT RELEASE_LOCK(:k)").bindparams(k=key[:64])
-        self._conn.execute(acquire)
+        while self._conn.execute(acquire).scalar() == 0:  # 0: timed out, try again
+            self._conn.commit()
         self._conn.commit()
         try:
             yield

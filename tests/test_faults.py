@@ -151,3 +151,73 @@ def test_worker_sigkilled_from_outside(tmp_path: Path, study_name: str) -> None:
     assert load_trials(sqlite_url(tmp_path), study_name)[0].user_attrs["optguard.error"].endswith(
         "died: signal SIGKILL (likely the kernel's OOM killer)"
     )
+
+
+def _run(cwd: Path, study: str, file: str, *args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        _command(study, Scenario(file, args, TrialState.COMPLETE)),
+        cwd=cwd, capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+
+
+def test_system_ram_threshold_prunes_the_biggest_trial(tmp_path: Path, study_name: str) -> None:
+    """A threshold below what the machine already uses: every running trial gets pruned."""
+    used = psutil.virtual_memory().percent
+    threshold = f"{max(0.1, used / 2):.1f}"
+    result = _run(tmp_path, study_name, "forever.py", "--max-system-ram", threshold, *FAST)
+    assert result.returncode == 0, result.stdout + result.stderr
+    trials = load_trials(sqlite_url(tmp_path), study_name)
+    assert [t.state for t in trials] == [TrialState.PRUNED] * 3
+    assert {t.user_attrs["optguard.reason"] for t in trials} == {"system_memory"}
+    assert {t.user_attrs["optguard.enforcement"] for t in trials} == {"interrupt"}
+    log = log_text(tmp_path)
+    assert f"> {float(threshold):g}%: trial #0 uses the most" in log
+    assert "Trial #0 pruned: Memory limit exceeded: " in log and "system RAM" in log
+    _assert_all_gone(tmp_path)
+
+
+def test_copy_on_write_readers_are_not_overcounted(tmp_path: Path, study_name: str) -> None:
+    """Summed RSS passes the limit, PSS does not: the supervisor must not act on RSS alone."""
+    result = _run(tmp_path, study_name, "cow_readers.py", "--max-rss", "550MB", *FAST)
+    assert result.returncode == 0, result.stdout + result.stderr
+    trials = load_trials(sqlite_url(tmp_path), study_name)
+    assert [t.state for t in trials] == [TrialState.COMPLETE] * 3
+    peak = trials[0].user_attrs["optguard.peak_rss_bytes"]
+    assert 250e6 < peak < 550e6  # ~200 MB shared once + the worker, not ~4 x 200 MB
+    assert "Memory limit" not in log_text(tmp_path)
+    _assert_all_gone(tmp_path)
+
+
+@pytest.mark.parametrize(
+    ("args", "workers", "recycles"),
+    # A worker over --recycle-rss recycles after its last trial too: it cannot know the study
+    # is complete; its replacement finds nothing left and exits.
+    [(("--max-trials-per-worker", "2"), 3, 2), (("--recycle-rss", "1MB"), 5, 5)],
+    ids=["max-trials-per-worker", "recycle-rss"],
+)
+def test_recycling_replaces_workers(
+    tmp_path: Path, study_name: str, args: tuple[str, ...], workers: int, recycles: int
+) -> None:
+    result = subprocess.run(
+        [*_command(study_name, Scenario("recycle.py", args, TrialState.COMPLETE)),
+         "--n-trials", "5"],
+        cwd=tmp_path, capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stdout + result.stderr
+    trials = load_trials(sqlite_url(tmp_path), study_name)
+    assert [t.state for t in trials] == [TrialState.COMPLETE] * 5
+    assert len({t.user_attrs["optguard.worker"] for t in trials}) == workers
+    log = log_text(tmp_path)
+    assert log.count("Recycling worker after ") == recycles
+    assert "Worker died" not in log and "0 worker death(s)" in result.stdout
+
+
+def test_crash_loop_ends_the_run(tmp_path: Path, study_name: str) -> None:
+    result = _run(tmp_path, study_name, "always_exit.py", "--n-trials", "20")
+    assert result.returncode == 4, result.stdout + result.stderr
+    lines = result.stderr.splitlines()
+    assert len(lines) == 1 and "worker deaths within 60s (last: exit code 3)" in lines[0]
+    trials = load_trials(sqlite_url(tmp_path), study_name)
+    assert len(trials) == 6  # MAX_CRASHES + 1 deaths, each with its trial marked
+    assert {t.state for t in trials} == {TrialState.FAIL}
+    assert {t.user_attrs["optguard.reason"] for t in trials} == {"worker_died"}
