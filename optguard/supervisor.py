@@ -321,12 +321,7 @@ class _Supervisor:
                 return
             if trial.violation is None:
                 trial.violation, trial.violation_at = violation, now
-                self._log(
-                    worker, logging.WARNING, trial.number,
-                    f"Trial #{trial.number}: {violation.phrase} ({violation.detail}); "
-                    f"pruning at its next check [soft]",
-                )  # fmt: skip
-                worker.command("soft", violation, signal.SIGUSR1)
+                self.step(worker, "soft", violation, "pruning at its next check")
             elif trial.interrupted_at is None and now - trial.violation_at > esc.memory_grace_s:
                 self.interrupt(worker, trial, violation)
         if (
@@ -347,12 +342,19 @@ class _Supervisor:
         trial.violation = violation
         trial.interrupted_at = time.monotonic()
         self.interrupts += 1
-        self._log(
-            worker, logging.WARNING, trial.number,
-            f"Trial #{trial.number}: {violation.phrase} ({violation.detail}); no check within "
-            f"the grace period: interrupting the worker [interrupt]",
+        self.step(
+            worker, "interrupt", violation,
+            "no check within the grace period: interrupting the worker",
         )  # fmt: skip
-        worker.command("interrupt", violation, signal.SIGUSR1)
+
+    def step(self, worker: _Worker, cmd: str, violation: Violation, note: str) -> None:
+        """Log one escalation step in the worker's log and send it the command."""
+        number = violation.trial_number
+        self._log(
+            worker, logging.WARNING, number,
+            f"Trial #{number}: {violation.phrase} ({violation.detail}); {note} [{cmd}]",
+        )  # fmt: skip
+        worker.command(cmd, violation, signal.SIGUSR1)
 
     def watch_system_memory(self) -> None:
         """Prune the biggest running trial when the machine's used RAM crosses the threshold."""
