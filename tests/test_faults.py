@@ -103,6 +103,9 @@ def _check(name: str, scenario: Scenario, cwd: Path, study: str) -> None:
     assert attrs.get("optguard.reason") == scenario.reason
     assert attrs.get("optguard.enforcement") == scenario.enforcement
     assert attrs.get("optguard.hard_kill", False) is (scenario.enforcement == "hard_kill")
+    # An interrupted worker lives on; a killed or dead one is replaced by a new process.
+    replaced = scenario.enforcement == "hard_kill" or scenario.reason == "worker_died"
+    assert len({t.user_attrs["optguard.worker"] for t in trials}) == (2 if replaced else 1)
     log = log_text(cwd)
     for phrase in scenario.log:
         assert phrase in log, phrase
