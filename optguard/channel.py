@@ -20,6 +20,7 @@ __all__ = ["LineReader", "send", "open_pipe_pair"]
 STATUS_FD_ENV = "OPTGUARD_STATUS_FD"
 CONTROL_FD_ENV = "OPTGUARD_CONTROL_FD"
 WORKER_ENV = "OPTGUARD_WORKER"  # inherited by every descendant: tells whose orphan it is
+SUPERVISOR_ENV = "OPTGUARD_SUPERVISOR_PID"
 TRIAL_ENV = "OPTGUARD_TRIAL"  # set during a trial: processes it execs tell which trial it was
 
 

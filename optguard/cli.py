@@ -17,6 +17,7 @@ import typer
 if TYPE_CHECKING:
     from optguard.config import RunOptions
     from optguard.progress import Progress
+    from optguard.recovery import Recovery
     from optguard.supervisor import RunResult
 
 app = typer.Typer(
@@ -51,6 +52,7 @@ LogDirOpt = typer.Option(None, "--log-dir", help="Directory of the worker logs. 
 MaxTrialsPerWorkerOpt = typer.Option(
     None, "--max-trials-per-worker", help="Replace a worker after this many trials."
 )
+TagOpt = typer.Option(None, "--tag", help="Stored on every new trial (e.g. a git commit).")
 RecycleRssOpt = typer.Option(
     None, "--recycle-rss", help="Replace a worker whose memory after cleanup is above this."
 )
@@ -150,6 +152,11 @@ def run(
     ),
     max_trials_per_worker: Optional[int] = MaxTrialsPerWorkerOpt,
     recycle_rss: Optional[str] = RecycleRssOpt,
+    tag: Optional[str] = TagOpt,
+    retry_pruned: Optional[str] = typer.Option(
+        None, "--retry-pruned", help="Enqueue once the params of trials optguard ended for "
+        "these reasons: timeout,memory,system_memory,worker_died.",
+    ),
 ) -> None:
     """Run a guarded study with N worker processes on one shared storage."""
     opts = _options(
@@ -157,7 +164,8 @@ def run(
         timeout=timeout, max_rss=max_rss, direction=direction, sampler=sampler, pruner=pruner,
         config=config, log_dir=log_dir, grace=grace, memory_grace=memory_grace,
         kill_after=kill_after, memory_ceiling=memory_ceiling, max_system_ram=max_system_ram,
-        max_trials_per_worker=max_trials_per_worker, recycle_rss=recycle_rss,
+        max_trials_per_worker=max_trials_per_worker, recycle_rss=recycle_rss, tag=tag,
+        retry_pruned=retry_pruned,
     )  # fmt: skip
     from optguard.storage import mask_url, resolve_url
     from optguard.supervisor import run_study
@@ -169,10 +177,26 @@ def run(
     )
     renderer = _Renderer(opts.n_trials, opts.study)
     try:
-        result = run_study(opts, on_progress=renderer)
+        result = run_study(opts, on_progress=renderer, on_recovery=_recovered)
     finally:
         renderer.close()
     _summary(result)
+
+
+def _recovered(recovery: "Recovery") -> None:
+    def numbers(items: list[int]) -> str:
+        return ", ".join(f"#{n}" for n in items)
+
+    if recovery.reaped:
+        print(
+            f"optguard: {len(recovery.reaped)} trial(s) left RUNNING by a run that died marked "
+            f"FAIL (interrupted): {numbers(recovery.reaped)}",
+            flush=True,
+        )
+    if recovery.retried:
+        print(
+            f"optguard: enqueued once more the params of {numbers(recovery.retried)}", flush=True
+        )
 
 
 def _summary(result: "RunResult") -> None:
@@ -204,13 +228,14 @@ def worker(
     index: int = typer.Option(0, "--index", min=0, help="Worker number in the log file name."),
     max_trials_per_worker: Optional[int] = MaxTrialsPerWorkerOpt,
     recycle_rss: Optional[str] = RecycleRssOpt,
+    tag: Optional[str] = TagOpt,
 ) -> None:
     """Run one worker in this process (what `run` starts N times; start more on other hosts)."""
     opts = _options(
         study=study, objective=objective, n_trials=n_trials, storage=storage, timeout=timeout,
         max_rss=max_rss, direction=direction, sampler=sampler, pruner=pruner, config=config,
         log_dir=log_dir, workers=None, max_trials_per_worker=max_trials_per_worker,
-        recycle_rss=recycle_rss,
+        recycle_rss=recycle_rss, tag=tag,
     )  # fmt: skip
     from optguard.worker import run_worker
 

@@ -42,7 +42,10 @@ CONFIG_KEYS: dict[str, tuple[type, ...]] = {
     "max_system_ram": (int, float, str),
     "max_trials_per_worker": (int,),
     "recycle_rss": (str, int),
+    "tag": (str,),
+    "retry_pruned": (str, list),
 }
+RETRY_REASONS = ("timeout", "memory", "system_memory", "worker_died")
 
 
 @dataclass(frozen=True)
@@ -62,6 +65,8 @@ class RunOptions:
     escalation: Escalation = Escalation()
     max_trials_per_worker: int | None = None
     recycle_rss: int | None = None
+    tag: str | None = None
+    retry_pruned: tuple[str, ...] = ()
 
     def with_storage(self, url: str) -> "RunOptions":
         return replace(self, storage=url)
@@ -135,6 +140,15 @@ def resolve_options(flags: Mapping[str, Any], config: Path | None = None) -> Run
         memory_ceiling=parsed("memory_ceiling", parse_ratio, base.memory_ceiling),
         max_system_ram_pct=parsed("max_system_ram", parse_percent, base.max_system_ram_pct),
     )
+    retry = merged.get("retry_pruned") or ()
+    if isinstance(retry, str):
+        retry = [r.strip() for r in retry.split(",") if r.strip()]
+    for reason in retry:
+        if reason not in RETRY_REASONS:
+            raise UsageError(
+                f"{name('retry_pruned')}: unknown reason {reason!r} "
+                f"(use {', '.join(RETRY_REASONS)})"
+            )
     defaults = RunOptions(study="", objective="")
     return RunOptions(
         study=merged["study"],
@@ -150,4 +164,6 @@ def resolve_options(flags: Mapping[str, Any], config: Path | None = None) -> Run
         escalation=escalation,
         max_trials_per_worker=merged.get("max_trials_per_worker"),
         recycle_rss=parsed("recycle_rss", parse_size, None),
+        tag=merged.get("tag"),
+        retry_pruned=tuple(retry),
     )

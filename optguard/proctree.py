@@ -18,6 +18,7 @@ import psutil
 
 __all__ = [
     "become_subreaper",
+    "die_with_parent",
     "tree_pids",
     "rss_of",
     "pss_of",
@@ -26,6 +27,7 @@ __all__ = [
     "environ_of",
 ]
 
+_PR_SET_PDEATHSIG = 1
 _PR_SET_CHILD_SUBREAPER = 36
 _PAGE = os.sysconf("SC_PAGE_SIZE")
 
@@ -37,6 +39,17 @@ def become_subreaper() -> bool:
         return libc.prctl(_PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) == 0
     except (OSError, AttributeError):
         return False  # not Linux: orphans go to init and cannot be found afterwards
+
+
+def die_with_parent(parent: int) -> None:
+    """SIGKILL this process when its parent (the supervisor, ``parent``) dies; Linux only."""
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+        libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+    except (OSError, AttributeError):
+        return  # not Linux: the worker outlives a killed supervisor
+    if os.getppid() != parent:
+        os._exit(1)  # the parent died before the request took effect
 
 
 def tree_pids(pid: int) -> list[int]:

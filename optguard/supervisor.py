@@ -42,7 +42,8 @@ from optguard.errors import (
 from optguard.guard import REASON_MEMORY, REASON_SYSTEM_MEMORY, REASON_TIMEOUT, Violation
 from optguard.logs import worker_log_path, worker_logger
 from optguard.progress import Progress, read_progress
-from optguard.storage import mask_url, open_storage, resolve_url
+from optguard.recovery import Recovery, recover
+from optguard.storage import TrialSlots, mask_url, open_storage, resolve_url
 from optguard.worker import ATTR_PREFIX, EXIT_RECYCLE, START_FAILURE
 
 __all__ = ["run_study", "RunResult", "STORAGE_ENV"]
@@ -157,8 +158,8 @@ class _Signals:
         self.count += 1  # only a flag: the loop acts on it
 
 
-def prepare_study(opts: RunOptions) -> tuple[str, Any, int]:
-    """Create the schema and the study once, before any worker starts."""
+def prepare_study(opts: RunOptions) -> tuple[str, Any, int, Recovery]:
+    """Create the schema and the study once, then recover it, before any worker starts."""
     import optuna
     import sqlalchemy.exc
 
@@ -178,7 +179,13 @@ def prepare_study(opts: RunOptions) -> tuple[str, Any, int]:
             f"study {opts.study!r} exists with direction {study.direction.name.lower()}, "
             f"not {opts.direction}"
         )
-    return url, storage, storage.get_study_id_from_name(opts.study)
+    slots = TrialSlots(storage, opts.study)
+    try:
+        with slots.lock():
+            recovery = recover(study, storage, opts.retry_pruned)
+    finally:
+        slots.close()
+    return url, storage, storage.get_study_id_from_name(opts.study), recovery
 
 
 def _worker_argv(opts: RunOptions, index: int) -> list[str]:
@@ -199,6 +206,8 @@ def _worker_argv(opts: RunOptions, index: int) -> list[str]:
         "--max-trials-per-worker": opts.max_trials_per_worker,
         "--recycle-rss": opts.recycle_rss,
     }
+    if opts.tag is not None:
+        argv += ["--tag", opts.tag]
     for flag, value in optional.items():
         if value is not None:
             argv += [flag, repr(value)]
@@ -213,8 +222,14 @@ def _describe_exit(code: int) -> str:
 
 
 class _Supervisor:
-    def __init__(self, opts: RunOptions, on_progress: Callable[[Progress], None] | None) -> None:
+    def __init__(
+        self,
+        opts: RunOptions,
+        on_progress: Callable[[Progress], None] | None,
+        on_recovery: Callable[[Recovery], None] | None = None,
+    ) -> None:
         self.opts = opts
+        self.on_recovery = on_recovery
         self.esc = opts.escalation
         self.on_progress = on_progress
         self.host = socket.gethostname()
@@ -246,6 +261,7 @@ class _Supervisor:
             channel.STATUS_FD_ENV: str(status_w),
             channel.CONTROL_FD_ENV: str(control_r),
             channel.WORKER_ENV: uid,
+            channel.SUPERVISOR_ENV: str(os.getpid()),
         })  # fmt: skip
         proc = subprocess.Popen(
             _worker_argv(opts, index),
@@ -554,7 +570,9 @@ class _Supervisor:
     # -- loop --------------------------------------------------------------------------------
     def run(self) -> RunResult:
         start = time.monotonic()
-        self.url, self.storage, self.study_id = prepare_study(self.opts)
+        self.url, self.storage, self.study_id, recovery = prepare_study(self.opts)
+        if self.on_recovery is not None:
+            self.on_recovery(recovery)
         proctree.become_subreaper()
         previous = {s: signal.signal(s, self.signals.handler) for s in (signal.SIGINT, signal.SIGTERM)}
         try:
@@ -630,7 +648,13 @@ def _start_failure(log_path: Path, code: int) -> OptguardError:
 
 
 def run_study(
-    opts: RunOptions, on_progress: Callable[[Progress], None] | None = None
+    opts: RunOptions,
+    on_progress: Callable[[Progress], None] | None = None,
+    on_recovery: Callable[[Recovery], None] | None = None,
 ) -> RunResult:
-    """Run a guarded study to its ``n_trials`` with ``opts.workers`` worker processes."""
-    return _Supervisor(opts, on_progress).run()
+    """Run a guarded study to its ``n_trials`` with ``opts.workers`` worker processes.
+
+    ``on_recovery`` hears, before workers start, which trials a dead run left RUNNING were
+    reaped and which were enqueued again.
+    """
+    return _Supervisor(opts, on_progress, on_recovery).run()

@@ -98,6 +98,10 @@ class _Supervised:
         self.tree_peak = 0
 
     def install(self) -> None:
+        parent = os.environ.pop(channel.SUPERVISOR_ENV, "")
+        if parent.isdigit():
+            # No supervisor, no enforcement: when it dies the run has died as a whole.
+            proctree.die_with_parent(int(parent))
         signal.signal(signal.SIGTERM, self._on_term)
         signal.signal(signal.SIGINT, self._on_term)
         signal.signal(signal.SIGUSR1, self._on_command)
@@ -210,6 +214,8 @@ class _TrialRunner:
         number = trial.number
         set_trial(number)
         trial.set_user_attr(ATTR_PREFIX + "worker", self.identity.tag)
+        if self.opts.tag is not None:
+            trial.set_user_attr(ATTR_PREFIX + "tag", self.opts.tag)
         guard = TrialGuard(trial, self.opts.limits)
         self.supervised.report(
             "start", trial=number, trial_id=trial._trial_id, started=guard.started

@@ -1,0 +1,13 @@
+"""Hangs until the file `fixed` exists in the working directory: a bug, then its fix."""
+
+import os
+import time
+
+
+def objective(trial):
+    x = trial.suggest_float("x", 0.0, 1.0)
+    with open("pids.txt", "a") as fh:
+        fh.write(f"{os.getpid()}\n")
+    while not os.path.exists("fixed"):
+        time.sleep(0.05)
+    return x
