@@ -113,6 +113,12 @@ class _Renderer:
             self.last_line = line
             print(f"[{self.study}] {line}", flush=True)
 
+    def notice(self, text: str) -> None:
+        if self.bar is not None:
+            self.bar.console.print(f"optguard: {text}")
+        else:
+            print(f"optguard: {text}", flush=True)
+
     def close(self) -> None:
         if self.bar is not None:
             self.bar.stop()
@@ -177,7 +183,9 @@ def run(
     )
     renderer = _Renderer(opts.n_trials, opts.study)
     try:
-        result = run_study(opts, on_progress=renderer, on_recovery=_recovered)
+        result = run_study(
+            opts, on_progress=renderer, on_recovery=_recovered, on_notice=renderer.notice
+        )
     finally:
         renderer.close()
     _summary(result)
@@ -187,6 +195,8 @@ def _recovered(recovery: "Recovery") -> None:
     def numbers(items: list[int]) -> str:
         return ", ".join(f"#{n}" for n in items)
 
+    if recovery.cleared:
+        print(f"optguard: cleared the pending '{recovery.cleared}' request; continuing", flush=True)
     if recovery.reaped:
         print(
             f"optguard: {len(recovery.reaped)} trial(s) left RUNNING by a run that died marked "
@@ -242,6 +252,32 @@ def worker(
     code = run_worker(opts, index)
     if code:
         raise typer.Exit(code)
+
+
+def _request(study: str, storage: Optional[str], action: str) -> None:
+    from optguard.control import request
+
+    where = request(study, storage, action)
+    print(f"optguard: {action} requested for study {study!r} on {where}")
+
+
+@app.command()
+def stop(
+    study: str = typer.Option(..., "--study", help="Study to stop."),
+    storage: Optional[str] = StorageOpt,
+) -> None:
+    """Graceful: workers on every host take no new trial; running trials finish."""
+    _request(study, storage, "stop")
+
+
+@app.command()
+def cancel(
+    study: str = typer.Option(..., "--study", help="Study to cancel."),
+    storage: Optional[str] = StorageOpt,
+) -> None:
+    """Immediate: running trials are pruned at their next check (killed if they never reach
+    one); workers exit."""
+    _request(study, storage, "cancel")
 
 
 def main(argv: Optional[list[str]] = None) -> None:

@@ -28,6 +28,7 @@ class Recovery:
 
     reaped: list[int]
     retried: list[int]
+    cleared: str | None = None  # a stop/cancel request left by an earlier run, now cleared
 
 
 def _worker_is_gone(tag: str, started_at: float, host: str) -> bool:
@@ -94,10 +95,15 @@ def _retry(
 def recover(
     study: "optuna.Study",
     storage: "optuna.storages.BaseStorage",
+    study_id: int,
     retry_reasons: Iterable[str] = (),
 ) -> Recovery:
-    """Reap trials whose worker is gone, then retry interrupted ones and ``retry_reasons``."""
+    """Clear a pending stop/cancel, reap trials whose worker is gone, then retry interrupted
+    ones and ``retry_reasons``."""
+    from optguard.control import clear_request
+
+    cleared = clear_request(storage, study_id)
     reaped = _reap(storage, study.get_trials(deepcopy=False))
     trials = study.get_trials(deepcopy=False)
     retried = _retry(study, trials, {REASON_INTERRUPTED, *retry_reasons})
-    return Recovery(reaped=reaped, retried=retried)
+    return Recovery(reaped=reaped, retried=retried, cleared=cleared)

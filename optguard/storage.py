@@ -170,6 +170,14 @@ class TrialSlots:
         self._conn: Any = None
         self._lock_file: Any = None
 
+    @property
+    def storage(self) -> "optuna.storages.RDBStorage":
+        return self._storage
+
+    @property
+    def study_id(self) -> int:
+        return self._study_id
+
     def count(self) -> int:
         """Trials that count toward the total: finished (complete, pruned, failed) or running."""
         from optuna.storages._rdb import models

@@ -39,6 +39,7 @@ from optguard.errors import (
     UsageError,
     WorkerCrashError,
 )
+from optguard.control import read_request
 from optguard.guard import REASON_MEMORY, REASON_SYSTEM_MEMORY, REASON_TIMEOUT, Violation
 from optguard.logs import worker_log_path, worker_logger
 from optguard.progress import Progress, read_progress
@@ -52,7 +53,8 @@ STORAGE_ENV = "OPTGUARD_STORAGE"  # workers get the URL here, not in argv where 
 POLL_S = 0.1  # memory sampling rate of each worker's tree: 10 Hz
 PIDS_EVERY_S = 1.0  # how often each worker's descendants are listed again
 PROGRESS_EVERY_S = 1.0
-STOP_GRACE_S = 10.0
+STOP_GRACE_S = 10.0  # cancel: from "prune at the next check" to the interrupt
+REASON_CANCELLED = "cancelled"
 ORPHAN_GRACE_S = 2.0
 PSS_FROM = 0.9  # confirm with PSS once summed RSS passes this fraction of the limit
 MAX_CRASHES = 5  # per CRASH_WINDOW_S, across all workers
@@ -153,9 +155,11 @@ def _signal_proc(proc: psutil.Process, signum: int) -> None:
 @dataclass
 class _Signals:
     count: int = 0
+    last: int = 0
 
     def handler(self, signum: int, _frame: FrameType | None) -> None:
-        self.count += 1  # only a flag: the loop acts on it
+        self.count += 1  # only flags: the loop acts on them
+        self.last = signum
 
 
 def prepare_study(opts: RunOptions) -> tuple[str, Any, int, Recovery]:
@@ -182,10 +186,10 @@ def prepare_study(opts: RunOptions) -> tuple[str, Any, int, Recovery]:
     slots = TrialSlots(storage, opts.study)
     try:
         with slots.lock():
-            recovery = recover(study, storage, opts.retry_pruned)
+            recovery = recover(study, storage, slots.study_id, opts.retry_pruned)
     finally:
         slots.close()
-    return url, storage, storage.get_study_id_from_name(opts.study), recovery
+    return url, storage, slots.study_id, recovery
 
 
 def _worker_argv(opts: RunOptions, index: int) -> list[str]:
@@ -227,9 +231,11 @@ class _Supervisor:
         opts: RunOptions,
         on_progress: Callable[[Progress], None] | None,
         on_recovery: Callable[[Recovery], None] | None = None,
+        on_notice: Callable[[str], None] | None = None,
     ) -> None:
         self.opts = opts
         self.on_recovery = on_recovery
+        self.on_notice = on_notice
         self.esc = opts.escalation
         self.on_progress = on_progress
         self.host = socket.gethostname()
@@ -240,7 +246,11 @@ class _Supervisor:
         self.deaths = 0
         self.interrupts = 0
         self.hard_kills = 0
-        self.stopping_since: float | None = None
+        self.stopping_since: float | None = None  # fatal error: end every worker now
+        self.draining = False  # stop or cancel: no new trial, no replacement worker
+        self.cancel_at: float | None = None
+        self.signals_seen = 0
+        self.requests_at = 0.0
         self.fatal: OptguardError | None = None
         self.orphans: dict[int, _Orphan] = {}
         self.by_uid: dict[str, _Worker] = {}  # every worker this run started, exited ones too
@@ -315,6 +325,9 @@ class _Supervisor:
         if trial is None or worker.kill is not None:
             return
         memory = self.measure(worker, now)
+        if self.cancel_at is not None:
+            self.watch_cancel(worker, trial, now)
+            return
         if memory > trial.peak:
             trial.peak = memory
             if memory > trial.peak_sent * 1.02:
@@ -353,6 +366,48 @@ class _Supervisor:
             and now - trial.interrupted_at > esc.kill_after_s
         ):
             self.begin_kill(worker, replace(trial.violation, elapsed_s=elapsed))
+
+    def watch_cancel(self, worker: _Worker, trial: _Trial, now: float) -> None:
+        """A cancelled trial: pruned at its next check, interrupted, then killed."""
+        if trial.violation is None or trial.violation.reason != REASON_CANCELLED:
+            elapsed = time.monotonic() - trial.started
+            trial.violation = Violation(trial.number, REASON_CANCELLED, elapsed, worker.memory, 0.0)
+            trial.violation_at, trial.interrupted_at = now, None
+            self.step(worker, "soft", trial.violation, "cancel: pruning at its next check")
+        elif trial.interrupted_at is None and now - trial.violation_at > STOP_GRACE_S:
+            self.interrupt(worker, trial, trial.violation)
+        elif trial.interrupted_at is not None and now - trial.interrupted_at > self.esc.kill_after_s:
+            self.begin_kill(worker, trial.violation)
+
+    # -- stop and cancel: Ctrl+C, SIGTERM, or a request in the study's storage ------------------
+    def handle_requests(self, now: float) -> None:
+        if self.signals.count > self.signals_seen:
+            self.signals_seen = self.signals.count
+            if self.signals.count == 1 and self.signals.last == signal.SIGINT:
+                self.stop("Ctrl+C: no new trials, running trials finish; Ctrl+C again cancels them")
+            else:
+                self.cancel("cancelling: running trials are pruned at their next check")
+        if now - self.requests_at > PROGRESS_EVERY_S:
+            self.requests_at = now
+            action = read_request(self.storage, self.study_id)
+            if action == "stop" and not self.draining:
+                self.stop("optguard stop: no new trials, running trials finish")
+            elif action == "cancel" and self.cancel_at is None:
+                self.cancel("optguard cancel: running trials are pruned at their next check")
+
+    def stop(self, notice: str) -> None:
+        self.draining = True
+        for worker in self.workers.values():
+            try:
+                os.kill(worker.proc.pid, signal.SIGUSR2)
+            except ProcessLookupError:
+                pass  # exited; the loop reaps it
+        if self.on_notice is not None:
+            self.on_notice(notice)
+
+    def cancel(self, notice: str) -> None:
+        self.stop(notice)
+        self.cancel_at = time.monotonic()
 
     def interrupt(self, worker: _Worker, trial: _Trial, violation: Violation) -> None:
         trial.violation = violation
@@ -513,7 +568,7 @@ class _Supervisor:
             return
         elif code != 0:
             how = _describe_exit(code)
-            stopping = self.stopping_since is not None
+            stopping = self.draining or self.stopping_since is not None
             reason = "interrupted" if stopping else "worker_died"
             detail = f"worker {worker.tag} died: {how}"
             for number in self.mark_trial(
@@ -527,7 +582,7 @@ class _Supervisor:
                     return
         else:
             return  # done: the study has its trials or the worker was stopped
-        if self.stopping_since is None:
+        if self.stopping_since is None and not self.draining:
             self.spawn(worker.index)
 
     def record_kill(self, worker: _Worker, trial: _Trial | None, code: int) -> None:
@@ -609,7 +664,8 @@ class _Supervisor:
                 idle_since = idle_since or now
                 if now - idle_since > 3 * ORPHAN_GRACE_S:
                     break  # an orphan that even SIGKILL does not end (D state) is not ours to wait for
-            if (self.signals.count or self.fatal) and self.stopping_since is None:
+            self.handle_requests(now)
+            if self.fatal and self.stopping_since is None:
                 self.stopping_since = now
                 for worker in self.workers.values():
                     proctree.kill_group(worker.proc.pid, signal.SIGTERM)
@@ -624,7 +680,7 @@ class _Supervisor:
                 elif self.stopping_since is None:
                     self.watch(worker, now)
             self.escalate_kills(now)
-            if self.stopping_since is None:
+            if self.stopping_since is None and self.cancel_at is None:
                 self.watch_system_memory()
             self.sweep_orphans(now)
             if self.on_progress and now - last_progress > PROGRESS_EVERY_S:
@@ -651,10 +707,11 @@ def run_study(
     opts: RunOptions,
     on_progress: Callable[[Progress], None] | None = None,
     on_recovery: Callable[[Recovery], None] | None = None,
+    on_notice: Callable[[str], None] | None = None,
 ) -> RunResult:
     """Run a guarded study to its ``n_trials`` with ``opts.workers`` worker processes.
 
     ``on_recovery`` hears, before workers start, which trials a dead run left RUNNING were
-    reaped and which were enqueued again.
+    reaped and which were enqueued again; ``on_notice`` hears stop and cancel as they happen.
     """
-    return _Supervisor(opts, on_progress, on_recovery).run()
+    return _Supervisor(opts, on_progress, on_recovery, on_notice).run()

@@ -27,6 +27,7 @@ from optuna.trial import TrialState
 from optguard import channel, guard as guard_mod, proctree
 from optguard.cleanup import release_memory
 from optguard.config import RunOptions
+from optguard.control import read_request
 from optguard.errors import OptguardError
 from optguard.guard import GuardPruned, TrialGuard, Violation
 from optguard.limits import format_gb
@@ -81,7 +82,8 @@ class _Supervised:
     """Signals and supervisor commands, as seen from inside the worker.
 
     SIGTERM/SIGINT: take no new trial and prune the running one at its next check (a second
-    SIGINT raises ``KeyboardInterrupt``, for a worker run by hand). SIGUSR1: a command waits on
+    SIGINT raises ``KeyboardInterrupt``, for a worker run by hand). SIGUSR2: take no new trial,
+    let the running one finish (a graceful stop). SIGUSR1: a command waits on
     the control pipe. An ``interrupt`` raises ``GuardPruned`` right in the main thread when the
     objective is running: the one handler here that does more than set a flag, because
     interrupting a trial stuck in a loop, a sleep or a lock wait is its whole point.
@@ -105,11 +107,12 @@ class _Supervised:
         signal.signal(signal.SIGTERM, self._on_term)
         signal.signal(signal.SIGINT, self._on_term)
         signal.signal(signal.SIGUSR1, self._on_command)
+        signal.signal(signal.SIGUSR2, self._on_stop)
         os.register_at_fork(after_in_child=self._in_child)
 
     def _in_child(self) -> None:
         """A process the objective forks must not inherit the worker's role."""
-        for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1):
+        for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1, signal.SIGUSR2):
             signal.signal(signum, signal.SIG_DFL)
         for fd in (self.status_fd, self.control.fd if self.control else None):
             if fd is not None:
@@ -148,6 +151,9 @@ class _Supervised:
         self._apply(self._drain(), raise_now=False)
         if self.guard is not None:
             self.guard.request_stop(self.guard.stop_violation(REASON_INTERRUPTED))
+
+    def _on_stop(self, _signum: int, _frame: FrameType | None) -> None:
+        self.stop_reason = self.stop_reason or "stopped"  # the running trial finishes
 
     def _on_command(self, _signum: int, _frame: FrameType | None) -> None:
         self._apply(self._drain(), raise_now=self.in_objective)
@@ -385,6 +391,10 @@ def run_worker(opts: RunOptions, index: int = 0) -> int:
     started = time.monotonic()
     try:
         while supervised.stop_reason is None:
+            requested = read_request(slots.storage, slots.study_id)
+            if requested is not None:
+                supervised.stop_reason = f"optguard {requested}"
+                break
             trial = slots.claim(study, opts.n_trials)
             if trial is None:
                 log.info("Study %s has its %s trials", opts.study, opts.n_trials)

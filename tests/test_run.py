@@ -3,11 +3,8 @@
 from __future__ import annotations
 
 import re
-import signal
 import socket
 import subprocess
-import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -234,32 +231,3 @@ def test_example_config_runs(tmp_path: Path) -> None:
     trials = load_trials(sqlite_url(tmp_path), "example-kfold")
     assert len(trials) == 6 and all(t.state.is_finished() for t in trials)
     assert len(list((tmp_path / "logs").glob("worker_example-kfold_*.log"))) == 2
-
-
-@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
-def test_signal_stops_run_without_running_trials(
-    tmp_path: Path, study_name: str, signum: int
-) -> None:
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "optguard", "run", "--study", study_name, "--workers", "2",
-         "--objective", objective("sleepy.py:objective"), "--n-trials", "50", "--pruner", "none"],
-        cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-    )  # fmt: skip
-    try:
-        deadline = time.monotonic() + 60
-        while time.monotonic() < deadline:  # both workers are inside a trial
-            if (tmp_path / "logs").exists() and log_text(tmp_path).count(" started\n") >= 2:
-                break
-            time.sleep(0.05)
-        proc.send_signal(signum)
-        _, stderr = proc.communicate(timeout=60)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-    assert proc.returncode == 130, stderr
-    trials = load_trials(sqlite_url(tmp_path), study_name)
-    assert len(trials) >= 2
-    assert not any(t.state == TrialState.RUNNING for t in trials)
-    stopped = [t for t in trials if t.user_attrs.get("optguard.reason") == "interrupted"]
-    assert len(stopped) == 2 and {t.state for t in stopped} == {TrialState.PRUNED}
-    assert "(stopped: interrupted)" in log_text(tmp_path)

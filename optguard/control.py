@@ -1,0 +1,52 @@
+"""Stop and cancel requests, kept in the study's storage so every host sees them.
+
+``stop``: take no new trial, let the running ones finish. ``cancel``: also prune the running
+ones at their next check (reason ``cancelled``), killing them after the grace period. The flag
+is a study user attribute; the next ``optguard run`` clears it.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import TYPE_CHECKING, Any
+
+from optguard.errors import UsageError
+
+if TYPE_CHECKING:
+    import optuna
+
+__all__ = ["ACTIONS", "CONTROL_ATTR", "read_request", "request", "clear_request"]
+
+ACTIONS = ("stop", "cancel")
+CONTROL_ATTR = "optguard.control"
+
+
+def read_request(storage: "optuna.storages.BaseStorage", study_id: int) -> str | None:
+    value: Any = storage.get_study_user_attrs(study_id).get(CONTROL_ATTR)
+    action = value.get("action") if isinstance(value, dict) else None
+    return action if action in ACTIONS else None
+
+
+def clear_request(storage: "optuna.storages.BaseStorage", study_id: int) -> str | None:
+    """Clear the flag; returns the action that was pending, if any."""
+    action = read_request(storage, study_id)
+    if action is not None:
+        storage.set_study_user_attr(study_id, CONTROL_ATTR, {"action": None})
+    return action
+
+
+def request(study: str, storage_url: str | None, action: str) -> str:
+    """Set ``stop`` or ``cancel`` on a study; returns the masked storage URL it was set on."""
+    from optguard.storage import mask_url, open_storage, resolve_url, sqlite_path
+
+    url = resolve_url(storage_url)
+    path = sqlite_path(url)
+    if path is not None and not path.is_file():  # never create an empty database here
+        raise UsageError(f"no study named {study!r}: storage file {path} does not exist")
+    storage = open_storage(url)
+    try:
+        study_id = storage.get_study_id_from_name(study)
+    except KeyError:
+        raise UsageError(f"no study named {study!r} in {mask_url(url)}") from None
+    storage.set_study_user_attr(study_id, CONTROL_ATTR, {"action": action, "at": time.time()})
+    return mask_url(url)
