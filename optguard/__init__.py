@@ -22,6 +22,7 @@ from optguard.limits import Limits, parse_duration, parse_size
 if TYPE_CHECKING:
     from optguard.cleanup import CleanupReport, release_memory
     from optguard.config import RunOptions, resolve_options
+    from optguard.early_stopping import EarlyStopping
     from optguard.guard import GuardPruned, TrialGuard, Violation, check, splits
     from optguard.progress import Progress, read_progress
     from optguard.supervisor import RunResult, run_study
@@ -32,6 +33,7 @@ __version__ = "0.1.0"
 __all__ = [
     "check",
     "splits",
+    "EarlyStopping",
     "GuardPruned",
     "TrialGuard",
     "Violation",
@@ -57,6 +59,7 @@ __all__ = [
 ]
 
 _LAZY = {
+    "EarlyStopping": "optguard.early_stopping",
     "check": "optguard.guard",
     "splits": "optguard.guard",
     "GuardPruned": "optguard.guard",

@@ -159,6 +159,13 @@ def run(
     max_trials_per_worker: Optional[int] = MaxTrialsPerWorkerOpt,
     recycle_rss: Optional[str] = RecycleRssOpt,
     tag: Optional[str] = TagOpt,
+    patience: Optional[int] = typer.Option(
+        None, "--patience", help="End the study when the best value has not improved over "
+        "the last N finished trials.",
+    ),
+    min_delta: Optional[float] = typer.Option(
+        None, "--min-delta", help="Improvement that counts for --patience. [0]"
+    ),
     retry_pruned: Optional[str] = typer.Option(
         None, "--retry-pruned", help="Enqueue once the params of trials optguard ended for "
         "these reasons: timeout,memory,system_memory,worker_died.",
@@ -171,7 +178,7 @@ def run(
         config=config, log_dir=log_dir, grace=grace, memory_grace=memory_grace,
         kill_after=kill_after, memory_ceiling=memory_ceiling, max_system_ram=max_system_ram,
         max_trials_per_worker=max_trials_per_worker, recycle_rss=recycle_rss, tag=tag,
-        retry_pruned=retry_pruned,
+        retry_pruned=retry_pruned, patience=patience, min_delta=min_delta,
     )  # fmt: skip
     from optguard.storage import mask_url, resolve_url
     from optguard.supervisor import run_study

@@ -44,6 +44,8 @@ CONFIG_KEYS: dict[str, tuple[type, ...]] = {
     "recycle_rss": (str, int),
     "tag": (str,),
     "retry_pruned": (str, list),
+    "patience": (int,),
+    "min_delta": (int, float),
 }
 RETRY_REASONS = ("timeout", "memory", "system_memory", "worker_died")
 
@@ -67,6 +69,8 @@ class RunOptions:
     recycle_rss: int | None = None
     tag: str | None = None
     retry_pruned: tuple[str, ...] = ()
+    patience: int | None = None
+    min_delta: float = 0.0
 
     def with_storage(self, url: str) -> "RunOptions":
         return replace(self, storage=url)
@@ -113,7 +117,7 @@ def resolve_options(flags: Mapping[str, Any], config: Path | None = None) -> Run
         value = merged.get(key)
         if not isinstance(value, str) or not value.strip():
             raise UsageError(f"missing required option {_option_name(key, False, None)}")
-    for key in ("workers", "n_trials", "max_trials_per_worker"):
+    for key in ("workers", "n_trials", "max_trials_per_worker", "patience"):
         value = merged.get(key)
         if value is not None and value < 1:
             raise UsageError(f"{name(key)} must be at least 1, got {value}")
@@ -149,6 +153,9 @@ def resolve_options(flags: Mapping[str, Any], config: Path | None = None) -> Run
                 f"{name('retry_pruned')}: unknown reason {reason!r} "
                 f"(use {', '.join(RETRY_REASONS)})"
             )
+    min_delta = merged.get("min_delta", 0.0)
+    if min_delta < 0:
+        raise UsageError(f"{name('min_delta')} must be >= 0, got {min_delta}")
     defaults = RunOptions(study="", objective="")
     return RunOptions(
         study=merged["study"],
@@ -166,4 +173,6 @@ def resolve_options(flags: Mapping[str, Any], config: Path | None = None) -> Run
         recycle_rss=parsed("recycle_rss", parse_size, None),
         tag=merged.get("tag"),
         retry_pruned=tuple(retry),
+        patience=merged.get("patience"),
+        min_delta=float(min_delta),
     )

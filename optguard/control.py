@@ -15,7 +15,7 @@ from optguard.errors import UsageError
 if TYPE_CHECKING:
     import optuna
 
-__all__ = ["ACTIONS", "CONTROL_ATTR", "read_request", "request", "clear_request"]
+__all__ = ["ACTIONS", "CONTROL_ATTR", "read_request", "request", "set_request", "clear_request"]
 
 ACTIONS = ("stop", "cancel")
 CONTROL_ATTR = "optguard.control"
@@ -35,6 +35,10 @@ def clear_request(storage: "optuna.storages.BaseStorage", study_id: int) -> str 
     return action
 
 
+def set_request(storage: "optuna.storages.BaseStorage", study_id: int, action: str) -> None:
+    storage.set_study_user_attr(study_id, CONTROL_ATTR, {"action": action, "at": time.time()})
+
+
 def request(study: str, storage_url: str | None, action: str) -> str:
     """Set ``stop`` or ``cancel`` on a study; returns the masked storage URL it was set on."""
     from optguard.storage import mask_url, open_storage, resolve_url, sqlite_path
@@ -48,5 +52,5 @@ def request(study: str, storage_url: str | None, action: str) -> str:
         study_id = storage.get_study_id_from_name(study)
     except KeyError:
         raise UsageError(f"no study named {study!r} in {mask_url(url)}") from None
-    storage.set_study_user_attr(study_id, CONTROL_ATTR, {"action": action, "at": time.time()})
+    set_request(storage, study_id, action)
     return mask_url(url)

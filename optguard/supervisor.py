@@ -39,7 +39,8 @@ from optguard.errors import (
     UsageError,
     WorkerCrashError,
 )
-from optguard.control import read_request
+from optguard.control import read_request, set_request
+from optguard.early_stopping import study_plateaued
 from optguard.guard import REASON_MEMORY, REASON_SYSTEM_MEMORY, REASON_TIMEOUT, Violation
 from optguard.logs import worker_log_path, worker_logger
 from optguard.progress import Progress, read_progress
@@ -55,6 +56,7 @@ PIDS_EVERY_S = 1.0  # how often each worker's descendants are listed again
 PROGRESS_EVERY_S = 1.0
 STOP_GRACE_S = 10.0  # cancel: from "prune at the next check" to the interrupt
 REASON_CANCELLED = "cancelled"
+EARLY_STOP_ATTR = "optguard.early_stopped"  # on the study: why --patience ended it
 ORPHAN_GRACE_S = 2.0
 PSS_FROM = 0.9  # confirm with PSS once summed RSS passes this fraction of the limit
 MAX_CRASHES = 5  # per CRASH_WINDOW_S, across all workers
@@ -389,11 +391,30 @@ class _Supervisor:
                 self.cancel("cancelling: running trials are pruned at their next check")
         if now - self.requests_at > PROGRESS_EVERY_S:
             self.requests_at = now
+            if self.opts.patience is not None and not self.draining:
+                self.check_plateau()
             action = read_request(self.storage, self.study_id)
             if action == "stop" and not self.draining:
                 self.stop("optguard stop: no new trials, running trials finish")
             elif action == "cancel" and self.cancel_at is None:
                 self.cancel("optguard cancel: running trials are pruned at their next check")
+
+    def check_plateau(self) -> None:
+        """``--patience``: end the study on every host once the best value stops improving."""
+        from optuna.trial import TrialState
+
+        finished = self.storage.get_all_trials(
+            self.study_id, deepcopy=False,
+            states=(TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL),
+        )  # fmt: skip
+        reason = study_plateaued(
+            finished, self.opts.patience or 0, self.opts.min_delta,
+            self.opts.direction == "maximize",
+        )  # fmt: skip
+        if reason is not None:
+            self.storage.set_study_user_attr(self.study_id, EARLY_STOP_ATTR, reason)
+            set_request(self.storage, self.study_id, "stop")
+            self.stop(reason)
 
     def stop(self, notice: str) -> None:
         self.draining = True
