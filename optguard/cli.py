@@ -287,6 +287,74 @@ def cancel(
     _request(study, storage, "cancel")
 
 
+@app.command()
+def report(
+    study: str = typer.Option(..., "--study", help="Study to report on."),
+    storage: Optional[str] = StorageOpt,
+    as_json: bool = typer.Option(False, "--json", help="Print one stable JSON document."),
+    plot: Optional[Path] = typer.Option(
+        None, "--plot", help="Write memory and duration per trial to FILE.png or FILE.html."
+    ),
+) -> None:
+    """What happened in a study: states, guard prunes, retries, leaks, patterns, limits."""
+    import json
+
+    from optguard.report import build_report, write_plot
+
+    data = build_report(study, storage)
+    if plot is not None:
+        write_plot(data, plot)
+    if as_json:
+        print(json.dumps(data, indent=2, sort_keys=True))
+        return
+    _render_report(data)
+    if plot is not None:
+        print(f"plot written to {plot}")
+
+
+def _render_report(data: dict[str, Any]) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    console = Console(soft_wrap=True)  # long lines stay whole for grep and pipes
+    best = data["best"]
+    best_text = "-" if best is None else f"{best['value']:.6g} (#{best['trial']})"
+    console.print(
+        f"[bold]{data['study']}[/] on {data['storage']}: {data['trials']} trials, best {best_text}"
+    )
+
+    def counts(title: str, values: dict[str, Any]) -> None:
+        table = Table(title=title, title_justify="left")
+        table.add_column("")
+        table.add_column("trials", justify="right")
+        for key, value in values.items():
+            table.add_row(str(key), str(value))
+        console.print(table)
+
+    counts("States", data["states"])
+    counts("Ended by optguard", {**data["guard_prunes"], "hard kills": data["hard_kills"]})
+    retries = data["retries"]
+    console.print(f"Retries: {retries['count']} {retries['outcomes'] or ''}")
+    console.print("Per tag: " + "; ".join(f"{t}: {c}" for t, c in data["tags"].items()))
+    for worker, trend in data["memory_trend"].items():
+        flag = " [red]LEAK: cleanup is not reclaiming[/]" if trend["leak"] else ""
+        console.print(
+            f"Memory {worker}: final {trend['final_mb'][0]} -> {trend['final_mb'][-1]} MB over "
+            f"{len(trend['trials'])} trials, {trend['growth_mb_per_trial']:+.2f} MB/trial{flag}"
+        )
+    for pattern in data["patterns"]:
+        console.print(f"Pattern: {pattern['text']}")
+    console.print(
+        "Slowest: " + ", ".join(f"#{r['trial']} {r['duration_s']:.1f}s" for r in data["slowest"])
+    )
+    for kind, rows in data["closest_to_limits"].items():
+        if rows:
+            console.print(
+                f"Closest to the {kind} limit: "
+                + ", ".join(f"#{r['trial']} {r['fraction']:.0%}" for r in rows)
+            )
+
+
 def main(argv: Optional[list[str]] = None) -> None:
     """Entry point: every error becomes one line on stderr and its documented exit code."""
     from optguard.errors import EXIT_ERROR, EXIT_INTERRUPTED, EXIT_USAGE, OptguardError

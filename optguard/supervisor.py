@@ -45,6 +45,7 @@ from optguard.guard import REASON_MEMORY, REASON_SYSTEM_MEMORY, REASON_TIMEOUT, 
 from optguard.logs import worker_log_path, worker_logger
 from optguard.progress import Progress, read_progress
 from optguard.recovery import Recovery, recover
+from optguard.report import LIMITS_ATTR
 from optguard.storage import TrialSlots, mask_url, open_storage, resolve_url
 from optguard.worker import ATTR_PREFIX, EXIT_RECYCLE, START_FAILURE
 
@@ -186,6 +187,11 @@ def prepare_study(opts: RunOptions) -> tuple[str, Any, int, Recovery]:
             f"not {opts.direction}"
         )
     slots = TrialSlots(storage, opts.study)
+    storage.set_study_user_attr(
+        slots.study_id,
+        LIMITS_ATTR,
+        {"timeout_s": opts.limits.timeout_s, "max_rss_bytes": opts.limits.max_rss_bytes},
+    )  # `optguard report` compares trials with these, from any host
     try:
         with slots.lock():
             recovery = recover(study, storage, slots.study_id, opts.retry_pruned)
