@@ -166,6 +166,10 @@ def run(
     min_delta: Optional[float] = typer.Option(
         None, "--min-delta", help="Improvement that counts for --patience. [0]"
     ),
+    heartbeat: Optional[str] = typer.Option(
+        None, "--heartbeat", help="Interval of the RDB heartbeat of running trials; a trial "
+        "whose host stops beating for 4 intervals is reaped by another host. [30s]",
+    ),
     retry_pruned: Optional[str] = typer.Option(
         None, "--retry-pruned", help="Enqueue once the params of trials optguard ended for "
         "these reasons: timeout,memory,system_memory,worker_died.",
@@ -178,7 +182,7 @@ def run(
         config=config, log_dir=log_dir, grace=grace, memory_grace=memory_grace,
         kill_after=kill_after, memory_ceiling=memory_ceiling, max_system_ram=max_system_ram,
         max_trials_per_worker=max_trials_per_worker, recycle_rss=recycle_rss, tag=tag,
-        retry_pruned=retry_pruned, patience=patience, min_delta=min_delta,
+        retry_pruned=retry_pruned, patience=patience, min_delta=min_delta, heartbeat=heartbeat,
     )  # fmt: skip
     from optguard.storage import mask_url, resolve_url
     from optguard.supervisor import run_study

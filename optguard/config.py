@@ -45,6 +45,7 @@ CONFIG_KEYS: dict[str, tuple[type, ...]] = {
     "tag": (str,),
     "retry_pruned": (str, list),
     "patience": (int,),
+    "heartbeat": (str, int, float),
     "min_delta": (int, float),
 }
 RETRY_REASONS = ("timeout", "memory", "system_memory", "worker_died")
@@ -70,6 +71,7 @@ class RunOptions:
     tag: str | None = None
     retry_pruned: tuple[str, ...] = ()
     patience: int | None = None
+    heartbeat_s: float = 30.0
     min_delta: float = 0.0
 
     def with_storage(self, url: str) -> "RunOptions":
@@ -174,5 +176,6 @@ def resolve_options(flags: Mapping[str, Any], config: Path | None = None) -> Run
         tag=merged.get("tag"),
         retry_pruned=tuple(retry),
         patience=merged.get("patience"),
+        heartbeat_s=parsed("heartbeat", parse_duration, defaults.heartbeat_s),
         min_delta=float(min_delta),
     )

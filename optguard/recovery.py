@@ -47,8 +47,20 @@ def _worker_is_gone(tag: str, started_at: float, host: str) -> bool:
         return False  # cannot tell (permissions): leave the trial alone
 
 
-def _reap(storage: "optuna.storages.BaseStorage", trials: Iterable["FrozenTrial"]) -> list[int]:
+def _mark_interrupted(storage: "optuna.storages.BaseStorage", trial_id: int, why: str) -> bool:
+    """FAIL a RUNNING trial with reason ``interrupted``; False if it finished meanwhile."""
     from optuna.exceptions import UpdateFinishedTrialError
+    from optuna.trial import TrialState
+
+    try:
+        storage.set_trial_user_attr(trial_id, ATTR + "reason", REASON_INTERRUPTED)
+        storage.set_trial_user_attr(trial_id, ATTR + "error", why)
+        return bool(storage.set_trial_state_values(trial_id, TrialState.FAIL))
+    except UpdateFinishedTrialError:
+        return False  # finished after all (or another host reaped it first)
+
+
+def _reap(storage: "optuna.storages.BaseStorage", trials: Iterable["FrozenTrial"]) -> list[int]:
     from optuna.trial import TrialState
 
     host = socket.gethostname()
@@ -58,18 +70,30 @@ def _reap(storage: "optuna.storages.BaseStorage", trials: Iterable["FrozenTrial"
         if trial.state != TrialState.RUNNING or not isinstance(tag, str):
             continue
         started = trial.datetime_start.timestamp() if trial.datetime_start else 0.0
-        if not _worker_is_gone(tag, started, host):
-            continue
-        try:
-            storage.set_trial_user_attr(trial._trial_id, ATTR + "reason", REASON_INTERRUPTED)
-            storage.set_trial_user_attr(
-                trial._trial_id, ATTR + "error", f"worker {tag} is gone: the run died"
-            )
-            storage.set_trial_state_values(trial._trial_id, TrialState.FAIL)
-        except UpdateFinishedTrialError:
-            continue  # finished after all, between the read and the write
-        reaped.append(trial.number)
+        if _worker_is_gone(tag, started, host) and _mark_interrupted(
+            storage, trial._trial_id, f"worker {tag} is gone: the run died"
+        ):
+            reaped.append(trial.number)
     return reaped
+
+
+def reap_stale(
+    study: "optuna.Study", storage: "optuna.storages.RDBStorage", study_id: int
+) -> Recovery:
+    """Trials whose heartbeat stopped (their host died) -> FAIL ``interrupted``, retried once.
+
+    Uses the storage's stale-trial query, the one Optuna's ``fail_stale_trials`` uses, so the
+    reason can be recorded before the trial becomes read-only.
+    """
+    reaped = []
+    for trial_id in storage._get_stale_trial_ids(study_id):
+        trial = storage.get_trial(trial_id)
+        tag = trial.user_attrs.get(ATTR + "worker", "?")
+        if _mark_interrupted(storage, trial_id, f"no heartbeat from worker {tag}: its host died"):
+            reaped.append(trial.number)
+    trials = storage.get_all_trials(study_id, deepcopy=False)
+    retried = _retry(study, trials, {REASON_INTERRUPTED}) if reaped else []
+    return Recovery(reaped=reaped, retried=retried)
 
 
 def _retry(
@@ -103,7 +127,8 @@ def recover(
     from optguard.control import clear_request
 
     cleared = clear_request(storage, study_id)
-    reaped = _reap(storage, study.get_trials(deepcopy=False))
-    trials = study.get_trials(deepcopy=False)
+    # Read from the storage itself, not the study's cache: _reap has just changed states.
+    reaped = _reap(storage, storage.get_all_trials(study_id, deepcopy=False))
+    trials = storage.get_all_trials(study_id, deepcopy=False)
     retried = _retry(study, trials, {REASON_INTERRUPTED, *retry_reasons})
     return Recovery(reaped=reaped, retried=retried, cleared=cleared)

@@ -128,8 +128,16 @@ def _install_sqlite_events(engine: Any) -> None:
     engine.dispose()  # connections opened before the events were installed are dropped
 
 
-def open_storage(url: str, *, create_schema: bool = False) -> "optuna.storages.RDBStorage":
-    """Open the RDB storage; ``create_schema`` is for the one process that sets it up."""
+def open_storage(
+    url: str, *, create_schema: bool = False, heartbeat_s: float | None = None
+) -> "optuna.storages.RDBStorage":
+    """Open the RDB storage; ``create_schema`` is for the one process that sets it up.
+
+    ``heartbeat_s`` turns on Optuna's RDB heartbeat (for the supervisor, which beats for its
+    workers' trials and reaps other hosts' stale ones); a trial is stale after 4 intervals.
+    """
+    import warnings
+
     import optuna
     import sqlalchemy.exc
 
@@ -139,10 +147,18 @@ def open_storage(url: str, *, create_schema: bool = False) -> "optuna.storages.R
         if create_schema:
             _prepare_sqlite_file(path)
         engine_kwargs = {"connect_args": {"timeout": SQLITE_BUSY_TIMEOUT_S}}
+    beat = None if heartbeat_s is None else max(1, round(heartbeat_s))
     try:
-        storage = optuna.storages.RDBStorage(
-            url, engine_kwargs=engine_kwargs, skip_table_creation=not create_schema
-        )
+        with warnings.catch_warnings():
+            # heartbeat_interval is "experimental" in Optuna 5: a warning users cannot act on
+            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+            storage = optuna.storages.RDBStorage(
+                url,
+                engine_kwargs=engine_kwargs,
+                skip_table_creation=not create_schema,
+                heartbeat_interval=beat,
+                grace_period=None if beat is None else 4 * beat,
+            )
     except ImportError as exc:
         raise StorageURLError(f"no database driver for {mask_url(url)}: {exc}") from None
     except sqlalchemy.exc.SQLAlchemyError as exc:
@@ -178,13 +194,18 @@ class TrialSlots:
     def study_id(self) -> int:
         return self._study_id
 
-    def count(self) -> int:
-        """Trials that count toward the total: finished (complete, pruned, failed) or running."""
+    def count(self, waiting: bool = False) -> int:
+        """Trials that count toward the total: finished (complete, pruned, failed) or running;
+        with ``waiting``, the enqueued ones instead."""
         from optuna.storages._rdb import models
         from optuna.trial import TrialState
         from sqlalchemy import func, select
 
-        states = (TrialState.RUNNING, TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL)
+        states = (
+            (TrialState.WAITING,)
+            if waiting
+            else (TrialState.RUNNING, TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL)
+        )
         stmt = (
             select(func.count())
             .select_from(models.TrialModel)
@@ -227,11 +248,15 @@ class TrialSlots:
             self._conn.commit()
 
     def claim(self, study: "optuna.Study", n_trials: int | None) -> "optuna.trial.Trial | None":
-        """The next trial to run, or ``None`` once the study has ``n_trials``."""
+        """The next trial to run, or ``None`` once the study has ``n_trials``.
+
+        An enqueued trial (a retry) still runs after the total is reached: it was owed to a
+        configuration that an interruption took away.
+        """
         if n_trials is None:
             return study.ask()
         with self.lock():
-            if self.count() >= n_trials:
+            if self.count() >= n_trials and not self.count(waiting=True):
                 return None
             return study.ask()
 

@@ -44,7 +44,7 @@ from optguard.early_stopping import study_plateaued
 from optguard.guard import REASON_MEMORY, REASON_SYSTEM_MEMORY, REASON_TIMEOUT, Violation
 from optguard.logs import worker_log_path, worker_logger
 from optguard.progress import Progress, read_progress
-from optguard.recovery import Recovery, recover
+from optguard.recovery import Recovery, reap_stale, recover
 from optguard.report import LIMITS_ATTR
 from optguard.storage import TrialSlots, mask_url, open_storage, resolve_url
 from optguard.worker import ATTR_PREFIX, EXIT_RECYCLE, START_FAILURE
@@ -165,13 +165,13 @@ class _Signals:
         self.last = signum
 
 
-def prepare_study(opts: RunOptions) -> tuple[str, Any, int, Recovery]:
+def prepare_study(opts: RunOptions) -> tuple[str, Any, Any, int, Recovery]:
     """Create the schema and the study once, then recover it, before any worker starts."""
     import optuna
     import sqlalchemy.exc
 
     url = resolve_url(opts.storage)
-    storage = open_storage(url, create_schema=True)
+    storage = open_storage(url, create_schema=True, heartbeat_s=opts.heartbeat_s)
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     try:
         study = optuna.create_study(
@@ -197,7 +197,7 @@ def prepare_study(opts: RunOptions) -> tuple[str, Any, int, Recovery]:
             recovery = recover(study, storage, slots.study_id, opts.retry_pruned)
     finally:
         slots.close()
-    return url, storage, slots.study_id, recovery
+    return url, storage, study, slots.study_id, recovery
 
 
 def _worker_argv(opts: RunOptions, index: int) -> list[str]:
@@ -259,6 +259,7 @@ class _Supervisor:
         self.cancel_at: float | None = None
         self.signals_seen = 0
         self.requests_at = 0.0
+        self.heartbeat_at = 0.0
         self.fatal: OptguardError | None = None
         self.orphans: dict[int, _Orphan] = {}
         self.by_uid: dict[str, _Worker] = {}  # every worker this run started, exited ones too
@@ -386,6 +387,19 @@ class _Supervisor:
             self.interrupt(worker, trial, trial.violation)
         elif trial.interrupted_at is not None and now - trial.interrupted_at > self.esc.kill_after_s:
             self.begin_kill(worker, trial.violation)
+
+    def heartbeat(self) -> None:
+        """Beat for this host's running trials (a worker stuck in C cannot beat for itself),
+        then reap trials of other hosts whose beats stopped, and retry them once."""
+        for worker in self.workers.values():
+            if worker.trial is not None:
+                self.storage.record_heartbeat(worker.trial.trial_id)
+        stale = reap_stale(self.study, self.storage, self.study_id)
+        if stale.reaped and self.on_notice is not None:
+            self.on_notice(
+                f"no heartbeat from trial(s) {', '.join(f'#{n}' for n in stale.reaped)}: marked "
+                f"FAIL (interrupted); retrying {', '.join(f'#{n}' for n in stale.retried) or 'none'}"
+            )
 
     # -- stop and cancel: Ctrl+C, SIGTERM, or a request in the study's storage ------------------
     def handle_requests(self, now: float) -> None:
@@ -652,7 +666,7 @@ class _Supervisor:
     # -- loop --------------------------------------------------------------------------------
     def run(self) -> RunResult:
         start = time.monotonic()
-        self.url, self.storage, self.study_id, recovery = prepare_study(self.opts)
+        self.url, self.storage, self.study, self.study_id, recovery = prepare_study(self.opts)
         if self.on_recovery is not None:
             self.on_recovery(recovery)
         proctree.become_subreaper()
@@ -710,6 +724,9 @@ class _Supervisor:
             if self.stopping_since is None and self.cancel_at is None:
                 self.watch_system_memory()
             self.sweep_orphans(now)
+            if now - self.heartbeat_at > self.opts.heartbeat_s:
+                self.heartbeat_at = now
+                self.heartbeat()
             if self.on_progress and now - last_progress > PROGRESS_EVERY_S:
                 last_progress = now
                 self.on_progress(read_progress(self.storage, self.study_id))

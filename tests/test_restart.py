@@ -98,3 +98,33 @@ def test_retry_pruned_rejects_unknown_reason(tmp_path: Path, study_name: str) ->
     result = run_cli(*_args(study_name, "--retry-pruned", "timeout,boredom"), cwd=tmp_path)
     assert result.returncode == 2
     assert "--retry-pruned: unknown reason 'boredom'" in result.stderr
+
+
+@pytest.mark.filterwarnings("ignore::UserWarning")  # Optuna on this test's own ask() with a heartbeat
+def test_other_hosts_stale_trial_is_reaped_by_heartbeat(pg_study: str, tmp_path: Path) -> None:
+    """A trial RUNNING on a host that died (no more heartbeats) is failed and retried once."""
+    import optuna
+
+    from conftest import PG_URL
+
+    storage = optuna.storages.RDBStorage(PG_URL, heartbeat_interval=1, grace_period=4)
+    study = optuna.create_study(study_name=pg_study, storage=storage)
+    ghost = study.ask()
+    ghost.suggest_float("x", 0.0, 1.0)
+    ghost.set_user_attr("optguard.worker", "host-that-died:4242")
+    storage.record_heartbeat(ghost._trial_id)  # then it never beats again
+    (tmp_path / "fixed").touch()
+    result = run_cli(
+        *_args(pg_study, "--n-trials", "3", "--storage", PG_URL, "--heartbeat", "1",
+               "--workers", "1"),
+        cwd=tmp_path, env={"OPTGUARD_TEST_SLOW": "3"},
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    assert "no heartbeat from trial(s) #0: marked FAIL (interrupted); retrying #0" in result.stdout
+    trials = load_trials(PG_URL, pg_study)
+    assert trials[0].state == TrialState.FAIL
+    assert trials[0].user_attrs["optguard.reason"] == "interrupted"
+    assert "no heartbeat from worker host-that-died:4242" in trials[0].user_attrs["optguard.error"]
+    (retry,) = [t for t in trials if t.user_attrs.get("optguard.retry_of") == 0]
+    assert retry.state == TrialState.COMPLETE and retry.params == trials[0].params
+    assert not any(t.state == TrialState.RUNNING for t in trials)
