@@ -10,8 +10,6 @@ from __future__ import annotations
 import time
 from typing import TYPE_CHECKING, Any
 
-from optguard.errors import UsageError
-
 if TYPE_CHECKING:
     import optuna
 
@@ -41,16 +39,8 @@ def set_request(storage: "optuna.storages.BaseStorage", study_id: int, action: s
 
 def request(study: str, storage_url: str | None, action: str) -> str:
     """Set ``stop`` or ``cancel`` on a study; returns the masked storage URL it was set on."""
-    from optguard.storage import mask_url, open_storage, resolve_url, sqlite_path
+    from optguard.storage import mask_url, open_existing_study
 
-    url = resolve_url(storage_url)
-    path = sqlite_path(url)
-    if path is not None and not path.is_file():  # never create an empty database here
-        raise UsageError(f"no study named {study!r}: storage file {path} does not exist")
-    storage = open_storage(url)
-    try:
-        study_id = storage.get_study_id_from_name(study)
-    except KeyError:
-        raise UsageError(f"no study named {study!r} in {mask_url(url)}") from None
+    url, storage, study_id = open_existing_study(study, storage_url)
     set_request(storage, study_id, action)
     return mask_url(url)

@@ -32,21 +32,26 @@ _PR_SET_CHILD_SUBREAPER = 36
 _PAGE = os.sysconf("SC_PAGE_SIZE")
 
 
-def become_subreaper() -> bool:
-    """Make orphaned descendants (double-forked daemons) re-parent to this process."""
+def _prctl(option: int, value: int) -> bool:
+    """``prctl(option, value)``; False where there is none (not Linux)."""
     try:
         libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
-        return libc.prctl(_PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) == 0
+        return libc.prctl(option, value, 0, 0, 0) == 0
     except (OSError, AttributeError):
-        return False  # not Linux: orphans go to init and cannot be found afterwards
+        return False
+
+
+def become_subreaper() -> bool:
+    """Make orphaned descendants (double-forked daemons) re-parent to this process.
+
+    Without it (not Linux) orphans go to init and cannot be found afterwards.
+    """
+    return _prctl(_PR_SET_CHILD_SUBREAPER, 1)
 
 
 def die_with_parent(parent: int) -> None:
     """SIGKILL this process when its parent (the supervisor, ``parent``) dies; Linux only."""
-    try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
-        libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
-    except (OSError, AttributeError):
+    if not _prctl(_PR_SET_PDEATHSIG, signal.SIGKILL):
         return  # not Linux: the worker outlives a killed supervisor
     if os.getppid() != parent:
         os._exit(1)  # the parent died before the request took effect

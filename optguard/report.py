@@ -111,17 +111,10 @@ def build_report(study: str, storage_url: str | None) -> dict[str, Any]:
     """The report as a JSON-ready dict; raises ``UsageError`` for an unknown study."""
     import optuna
 
-    from optguard.storage import mask_url, open_storage, resolve_url, sqlite_path
+    from optguard.storage import mask_url, open_existing_study
 
-    url = resolve_url(storage_url)
-    path = sqlite_path(url)
-    if path is not None and not path.is_file():
-        raise UsageError(f"no study named {study!r}: storage file {path} does not exist")
-    storage = open_storage(url)
-    try:
-        loaded = optuna.load_study(study_name=study, storage=storage)
-    except KeyError:
-        raise UsageError(f"no study named {study!r} in {mask_url(url)}") from None
+    url, storage, _ = open_existing_study(study, storage_url)
+    loaded = optuna.load_study(study_name=study, storage=storage)
     trials = loaded.get_trials(deepcopy=False)
     limits = loaded.user_attrs.get(LIMITS_ATTR) or {}
     states = Counter(t.state.name for t in trials)

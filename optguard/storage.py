@@ -16,7 +16,7 @@ import zlib
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Iterator
 
-from optguard.errors import StorageError, StorageURLError
+from optguard.errors import StorageError, StorageURLError, UsageError
 
 if TYPE_CHECKING:
     import optuna
@@ -27,6 +27,7 @@ __all__ = [
     "mask_url",
     "redact",
     "open_storage",
+    "open_existing_study",
     "TrialSlots",
 ]
 
@@ -168,6 +169,22 @@ def open_storage(
     if path is not None:
         _install_sqlite_events(storage.engine)
     return storage
+
+
+def open_existing_study(study: str, storage_url: str | None) -> tuple[str, Any, int]:
+    """``(url, storage, study_id)`` of a study that must already exist (stop, cancel, report).
+
+    Raises ``UsageError`` naming the study otherwise, and never creates an empty SQLite file.
+    """
+    url = resolve_url(storage_url)
+    path = sqlite_path(url)
+    if path is not None and not path.is_file():
+        raise UsageError(f"no study named {study!r}: storage file {path} does not exist")
+    storage = open_storage(url)
+    try:
+        return url, storage, storage.get_study_id_from_name(study)
+    except KeyError:
+        raise UsageError(f"no study named {study!r} in {mask_url(url)}") from None
 
 
 class TrialSlots:

@@ -132,6 +132,15 @@ class _Worker:
         except ProcessLookupError:
             pass  # it just exited; the loop reaps it
 
+    def signal_tree(self, signum: int) -> None:
+        """The worker's process group, and descendants that left it (setsid) as last listed."""
+        proctree.kill_group(self.proc.pid, signum)
+        for pid in self.pids:
+            try:
+                os.kill(pid, signum)
+            except (ProcessLookupError, PermissionError):
+                pass  # already gone
+
     def close(self) -> None:
         self.out.close()
         os.close(self.control_fd)
@@ -502,24 +511,14 @@ class _Supervisor:
             f"process tree (SIGTERM, SIGKILL after {self.esc.kill_after_s:g}s) [hard_kill]",
         )  # fmt: skip
         worker.command("kill", violation, signal.SIGTERM)
-        proctree.kill_group(worker.proc.pid, signal.SIGTERM)
-        for pid in worker.pids:
-            try:
-                os.kill(pid, signal.SIGTERM)  # descendants that left the group (setsid)
-            except (ProcessLookupError, PermissionError):
-                pass  # already gone
+        worker.signal_tree(signal.SIGTERM)
 
     def escalate_kills(self, now: float) -> None:
         for worker in self.workers.values():
             if worker.kill is not None and not worker.kill_escalated:
                 if now - worker.kill_at > self.esc.kill_after_s:
                     worker.kill_escalated = True
-                    proctree.kill_group(worker.proc.pid, signal.SIGKILL)
-                    for pid in worker.pids:
-                        try:
-                            os.kill(pid, signal.SIGKILL)
-                        except (ProcessLookupError, PermissionError):
-                            pass  # already gone
+                    worker.signal_tree(signal.SIGKILL)
 
     def sweep_orphans(self, now: float) -> None:
         """End processes re-parented here once the trial that started them is over.
