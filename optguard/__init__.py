@@ -9,6 +9,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 from optguard.errors import (
+    CheckpointError,
     ConfigError,
     ObjectiveError,
     OptguardError,
@@ -20,10 +21,13 @@ from optguard.errors import (
 from optguard.limits import Limits, parse_duration, parse_size
 
 if TYPE_CHECKING:
+    from optguard.checkpointing import CheckpointManager, checkpoints, prune_checkpoints
     from optguard.cleanup import CleanupReport, release_memory
     from optguard.config import RunOptions, resolve_options
     from optguard.early_stopping import EarlyStopping
     from optguard.guard import GuardPruned, TrialGuard, Violation, check, splits
+    from optguard.monitor import MonitorOptions, Thresholds, run_monitor, sample
+    from optguard.monitor_analysis import analyze_log
     from optguard.progress import Progress, read_progress
     from optguard.supervisor import RunResult, run_study
     from optguard.worker import run_worker
@@ -33,6 +37,10 @@ __version__ = "0.1.0"
 __all__ = [
     "check",
     "splits",
+    "checkpoints",
+    "CheckpointManager",
+    "prune_checkpoints",
+    "CheckpointError",
     "EarlyStopping",
     "GuardPruned",
     "TrialGuard",
@@ -49,6 +57,11 @@ __all__ = [
     "CleanupReport",
     "Progress",
     "read_progress",
+    "sample",
+    "run_monitor",
+    "MonitorOptions",
+    "Thresholds",
+    "analyze_log",
     "OptguardError",
     "UsageError",
     "ConfigError",
@@ -59,6 +72,9 @@ __all__ = [
 ]
 
 _LAZY = {
+    "checkpoints": "optguard.checkpointing",
+    "CheckpointManager": "optguard.checkpointing",
+    "prune_checkpoints": "optguard.checkpointing",
     "EarlyStopping": "optguard.early_stopping",
     "check": "optguard.guard",
     "splits": "optguard.guard",
@@ -74,6 +90,11 @@ _LAZY = {
     "CleanupReport": "optguard.cleanup",
     "Progress": "optguard.progress",
     "read_progress": "optguard.progress",
+    "sample": "optguard.monitor",
+    "run_monitor": "optguard.monitor",
+    "MonitorOptions": "optguard.monitor",
+    "Thresholds": "optguard.monitor",
+    "analyze_log": "optguard.monitor_analysis",
 }
 
 

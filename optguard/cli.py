@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import sys
+import time
 import traceback
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Optional
@@ -29,6 +30,7 @@ app = typer.Typer(
 )
 
 _state = {"debug": False}
+PLAIN_PROGRESS_EVERY_S = 10.0  # a log file or pipe gets a progress line at most this often
 
 StudyOpt = typer.Option(None, "--study", help="Study name (created or resumed).")
 ObjectiveOpt = typer.Option(
@@ -55,6 +57,13 @@ MaxTrialsPerWorkerOpt = typer.Option(
 TagOpt = typer.Option(None, "--tag", help="Stored on every new trial (e.g. a git commit).")
 RecycleRssOpt = typer.Option(
     None, "--recycle-rss", help="Replace a worker whose memory after cleanup is above this."
+)
+CheckpointDirOpt = typer.Option(
+    None, "--checkpoint-dir", help="Root of optguard.checkpoints(trial) directories. [checkpoints]"
+)
+CheckpointBudgetOpt = typer.Option(
+    None, "--checkpoint-budget", help="Time the on_interrupt callbacks of an interrupted trial "
+    "get before the worker may be killed. [10s]",
 )
 
 
@@ -84,6 +93,7 @@ class _Renderer:
         self.n_trials = n_trials
         self.study = study
         self.last_line = ""
+        self.printed_at = -PLAIN_PROGRESS_EVERY_S
         self.bar: Any = None
         if self.console.is_terminal:
             from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
@@ -109,8 +119,9 @@ class _Renderer:
             self.bar.update(self.task, completed=progress.finished, info=info)
             return
         line = progress.describe(self.n_trials)
-        if line != self.last_line:
-            self.last_line = line
+        now = time.monotonic()
+        if line != self.last_line and now - self.printed_at >= PLAIN_PROGRESS_EVERY_S:
+            self.last_line, self.printed_at = line, now
             print(f"[{self.study}] {line}", flush=True)
 
     def notice(self, text: str) -> None:
@@ -143,7 +154,7 @@ def run(
         "interrupting the trial. [60s]",
     ),
     memory_grace: Optional[str] = typer.Option(
-        None, "--memory-grace", help="Past the memory limit, the same wait. [3s]"
+        None, "--memory-grace", help="Past the memory limit, the same wait; 0 interrupts at once. [0s]"
     ),
     kill_after: Optional[str] = typer.Option(
         None, "--kill-after", help="After an interrupt, wait this long before killing the "
@@ -174,6 +185,8 @@ def run(
         None, "--retry-pruned", help="Enqueue once the params of trials optguard ended for "
         "these reasons: timeout,memory,system_memory,worker_died.",
     ),
+    checkpoint_dir: Optional[Path] = CheckpointDirOpt,
+    checkpoint_budget: Optional[str] = CheckpointBudgetOpt,
 ) -> None:
     """Run a guarded study with N worker processes on one shared storage."""
     opts = _options(
@@ -183,6 +196,7 @@ def run(
         kill_after=kill_after, memory_ceiling=memory_ceiling, max_system_ram=max_system_ram,
         max_trials_per_worker=max_trials_per_worker, recycle_rss=recycle_rss, tag=tag,
         retry_pruned=retry_pruned, patience=patience, min_delta=min_delta, heartbeat=heartbeat,
+        checkpoint_dir=checkpoint_dir, checkpoint_budget=checkpoint_budget,
     )  # fmt: skip
     from optguard.storage import mask_url, resolve_url
     from optguard.supervisor import run_study
@@ -250,13 +264,16 @@ def worker(
     max_trials_per_worker: Optional[int] = MaxTrialsPerWorkerOpt,
     recycle_rss: Optional[str] = RecycleRssOpt,
     tag: Optional[str] = TagOpt,
+    checkpoint_dir: Optional[Path] = CheckpointDirOpt,
+    checkpoint_budget: Optional[str] = CheckpointBudgetOpt,
 ) -> None:
     """Run one worker in this process (what `run` starts N times; start more on other hosts)."""
     opts = _options(
         study=study, objective=objective, n_trials=n_trials, storage=storage, timeout=timeout,
         max_rss=max_rss, direction=direction, sampler=sampler, pruner=pruner, config=config,
         log_dir=log_dir, workers=None, max_trials_per_worker=max_trials_per_worker,
-        recycle_rss=recycle_rss, tag=tag,
+        recycle_rss=recycle_rss, tag=tag, checkpoint_dir=checkpoint_dir,
+        checkpoint_budget=checkpoint_budget,
     )  # fmt: skip
     from optguard.worker import run_worker
 
@@ -357,6 +374,120 @@ def _render_report(data: dict[str, Any]) -> None:
                 f"Closest to the {kind} limit: "
                 + ", ".join(f"#{r['trial']} {r['fraction']:.0%}" for r in rows)
             )
+
+
+@app.command()
+def monitor(
+    interval: Optional[str] = typer.Option(None, "--interval", help="Between samples. [30s]"),
+    log: Optional[Path] = typer.Option(
+        None, "--log", help="JSONL file each sample is appended to (default logs/memory_HOST.jsonl)."
+    ),
+    no_log: bool = typer.Option(False, "--no-log", help="Write no log."),
+    study: Optional[str] = typer.Option(
+        None, "--study", help="Also show the trial each worker of this host runs."
+    ),
+    storage: Optional[str] = StorageOpt,
+    warn_ram: str = typer.Option("85", "--warn-ram", help="Warn once when RAM reaches this %."),
+    warn_gpu: str = typer.Option("90", "--warn-gpu", help="Warn once when a GPU reaches this %."),
+    warn_swap: str = typer.Option("50", "--warn-swap", help="Warn once when swap reaches this %."),
+    samples: Optional[int] = typer.Option(None, "--samples", min=1, help="Stop after N samples."),
+    analyze: Optional[Path] = typer.Option(
+        None, "--analyze", help="Summarise a monitor log instead of sampling."
+    ),
+    as_json: bool = typer.Option(False, "--json", help="With --analyze: one JSON document."),
+    plot: Optional[Path] = typer.Option(
+        None, "--plot", help="With --analyze: RAM, swap and GPU % over time to FILE.png."
+    ),
+) -> None:
+    """Sample RAM, swap, GPU memory and this host's workers until Ctrl+C; or --analyze a log."""
+    from optguard.errors import UsageError
+    from optguard.limits import parse_duration, parse_percent
+    from optguard.monitor import MonitorOptions, Thresholds, default_log_path
+
+    thresholds = Thresholds(
+        ram=parse_percent(warn_ram, "--warn-ram"),
+        gpu=parse_percent(warn_gpu, "--warn-gpu"),
+        swap=parse_percent(warn_swap, "--warn-swap"),
+    )
+    if analyze is not None:
+        if log is not None or no_log or study is not None or samples is not None or interval:
+            raise UsageError("--analyze reads a log: it takes no --log, --no-log, --study, "
+                             "--samples or --interval")  # fmt: skip
+        _analyze(analyze, thresholds, as_json, plot)
+        return
+    if as_json or plot is not None:
+        raise UsageError("--json and --plot go with --analyze FILE")
+    if log is not None and no_log:
+        raise UsageError("--log and --no-log cannot be used together")
+    opts = MonitorOptions(
+        interval_s=parse_duration(interval or "30s", "--interval"),
+        log_path=None if no_log else (log or default_log_path()), thresholds=thresholds,
+        study=study, storage=storage, max_samples=samples,
+    )  # fmt: skip
+    from optguard.monitor import run_monitor
+    from optguard.monitor_view import MonitorView
+
+    where = "no log" if opts.log_path is None else f"log {opts.log_path}"
+    if study is not None:
+        from optguard.storage import mask_url, resolve_url
+
+        where += f", study {study!r} on {mask_url(resolve_url(storage))}"
+    print(f"optguard: monitoring every {opts.interval_s:g}s, {where}; Ctrl+C ends", flush=True)
+    view = MonitorView()
+    try:
+        result = run_monitor(opts, on_sample=view, on_notice=lambda t: view.print(f"optguard: {t}"))
+    finally:
+        view.close()
+    done = "taken (no log)" if result.log_path is None else f"written to {result.log_path}"
+    print(f"optguard: {result.samples} samples {done}, {result.warnings} warning(s)", flush=True)
+
+
+def _analyze(path: Path, thresholds: Any, as_json: bool, plot: Optional[Path]) -> None:
+    import json
+
+    from optguard.monitor_analysis import analyze_log, write_monitor_plot
+    from optguard.monitor_view import render_analysis
+
+    summary = analyze_log(path, thresholds)
+    if plot is not None:
+        write_monitor_plot(summary, plot)
+    if as_json:
+        print(json.dumps(summary, indent=2))
+        return
+    render_analysis(summary)
+    if plot is not None:
+        print(f"plot written to {plot}")
+
+
+checkpoints_app = typer.Typer(
+    name="checkpoints", help="Trial checkpoints (optguard.checkpoints).", no_args_is_help=True
+)
+app.add_typer(checkpoints_app)
+
+
+@checkpoints_app.command("prune")
+def checkpoints_prune(
+    study: str = typer.Option(..., "--study", help="Study whose checkpoints to prune."),
+    storage: Optional[str] = StorageOpt,
+    keep_best: int = typer.Option(
+        1, "--keep-best", help="Keep those of the best K COMPLETE trials."
+    ),
+    checkpoint_dir: Optional[Path] = CheckpointDirOpt,
+) -> None:
+    """Delete finished trials' checkpoints but the best K (never a running or queued trial's)."""
+    from optguard.checkpointing import prune_checkpoints
+
+    result = prune_checkpoints(study, storage, keep_best, checkpoint_dir)
+
+    def numbers(items: list[int]) -> str:
+        return ", ".join(f"#{n}" for n in items) or "none"
+
+    print(
+        f"optguard: freed {result.freed_bytes / 1e6:.1f} MB in {result.directory}/: removed "
+        f"trial(s) {numbers(result.removed)}; kept best {numbers(result.kept_best)}"
+        + (f"; left running/queued {numbers(result.busy)}" if result.busy else ""),
+        flush=True,
+    )
 
 
 def main(argv: Optional[list[str]] = None) -> None:

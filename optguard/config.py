@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import functools
 import tomllib
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Mapping
 
+from optguard.checkpointing import DEFAULT_ROOT as DEFAULT_CHECKPOINT_DIR
 from optguard.errors import ConfigError, UsageError
 from optguard.limits import (
     DEFAULT_MAX_RSS,
@@ -47,6 +49,8 @@ CONFIG_KEYS: dict[str, tuple[type, ...]] = {
     "patience": (int,),
     "heartbeat": (str, int, float),
     "min_delta": (int, float),
+    "checkpoint_dir": (str,),
+    "checkpoint_budget": (str, int, float),
 }
 RETRY_REASONS = ("timeout", "memory", "system_memory", "worker_died")
 
@@ -73,6 +77,8 @@ class RunOptions:
     patience: int | None = None
     heartbeat_s: float = 30.0
     min_delta: float = 0.0
+    checkpoint_dir: Path = DEFAULT_CHECKPOINT_DIR
+    checkpoint_budget_s: float = 10.0  # emergency checkpoint callbacks, after an interrupt
 
     def with_storage(self, url: str) -> "RunOptions":
         return replace(self, storage=url)
@@ -141,7 +147,10 @@ def resolve_options(flags: Mapping[str, Any], config: Path | None = None) -> Run
     base = Escalation()
     escalation = Escalation(
         grace_s=parsed("grace", parse_duration, base.grace_s),
-        memory_grace_s=parsed("memory_grace", parse_duration, base.memory_grace_s),
+        memory_grace_s=parsed(
+            "memory_grace", functools.partial(parse_duration, allow_zero=True),
+            base.memory_grace_s,
+        ),  # fmt: skip
         kill_after_s=parsed("kill_after", parse_duration, base.kill_after_s),
         memory_ceiling=parsed("memory_ceiling", parse_ratio, base.memory_ceiling),
         max_system_ram_pct=parsed("max_system_ram", parse_percent, base.max_system_ram_pct),
@@ -178,4 +187,8 @@ def resolve_options(flags: Mapping[str, Any], config: Path | None = None) -> Run
         patience=merged.get("patience"),
         heartbeat_s=parsed("heartbeat", parse_duration, defaults.heartbeat_s),
         min_delta=float(min_delta),
+        checkpoint_dir=Path(merged.get("checkpoint_dir", defaults.checkpoint_dir)),
+        checkpoint_budget_s=parsed(
+            "checkpoint_budget", parse_duration, defaults.checkpoint_budget_s
+        ),
     )

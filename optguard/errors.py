@@ -10,6 +10,7 @@ __all__ = [
     "StorageError",
     "StorageURLError",
     "WorkerCrashError",
+    "CheckpointError",
     "EXIT_OK",
     "EXIT_ERROR",
     "EXIT_USAGE",
@@ -60,3 +61,10 @@ class WorkerCrashError(OptguardError):
     """Workers keep dying; respawning them again would loop forever."""
 
     exit_code = EXIT_WORKERS
+
+
+class CheckpointError(OptguardError):
+    """A checkpoint cannot be written (disk full, unwritable directory) or read back.
+
+    Raised to the objective on a failed save; the previous checkpoint is left intact.
+    """

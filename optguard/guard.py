@@ -92,6 +92,11 @@ class TrialGuard:
         if self._stop is None:
             self._stop = violation
 
+    @property
+    def stop_requested(self) -> Violation | None:
+        """The stop ``request_stop`` recorded, if any (what the next check raises)."""
+        return self._stop
+
     def stop_violation(self, reason: str, rss: int = 0, limit: float = 0.0) -> Violation:
         return Violation(self.number, reason, self.elapsed(), rss, limit)
 

@@ -56,14 +56,19 @@ def _split(text: str | int | float, option: str) -> tuple[float, str]:
     return float(match.group(1)), match.group(2).lower()
 
 
-def parse_duration(text: str | int | float, option: str = "duration") -> float:
-    """Seconds from ``90s``, ``30m``, ``1.5h``, ``2d`` or bare seconds; must be positive."""
+def parse_duration(
+    text: str | int | float, option: str = "duration", allow_zero: bool = False
+) -> float:
+    """Seconds from ``90s``, ``30m``, ``1.5h``, ``2d`` or bare seconds; must be positive
+    (or zero, for a wait that may be skipped)."""
     number, unit = _split(text, option)
     if unit not in _DURATION_UNITS:
         raise UsageError(f"{option}: unknown duration unit {unit!r} in {text!r} (use s, m, h, d)")
     seconds = number * _DURATION_UNITS[unit]
-    if not math.isfinite(seconds) or seconds <= 0:
-        raise UsageError(f"{option}: must be positive, got {text!r}")
+    if not math.isfinite(seconds) or seconds < 0 or (seconds == 0 and not allow_zero):
+        raise UsageError(
+            f"{option}: must be {'zero or ' if allow_zero else ''}positive, got {text!r}"
+        )
     return seconds
 
 
@@ -117,14 +122,15 @@ class Limits:
 class Escalation:
     """How the supervisor enforces the limits of a trial that never reaches a check.
 
-    After the soft limit: ``grace_s`` (time) or ``memory_grace_s`` (memory, which keeps
-    growing) until the worker is interrupted, then ``kill_after_s`` until its process tree is
+    After the soft limit: ``grace_s`` (time) or ``memory_grace_s`` (memory; by default none,
+    since a leak keeps growing and the machine's memory is at stake) until the worker is
+    interrupted, then ``kill_after_s`` until its process tree is
     killed. Memory above ``memory_ceiling`` times the limit is killed at once.
     ``max_system_ram_pct`` prunes the biggest running trial when the machine runs short.
     """
 
     grace_s: float = 60.0
-    memory_grace_s: float = 3.0
+    memory_grace_s: float = 0.0
     kill_after_s: float = 5.0
     memory_ceiling: float = 1.25
     max_system_ram_pct: float = 90.0

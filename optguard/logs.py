@@ -11,7 +11,7 @@ import logging
 import re
 from pathlib import Path
 
-__all__ = ["worker_log_path", "worker_logger", "set_trial", "LOG_FORMAT"]
+__all__ = ["worker_log_path", "worker_logger", "set_trial", "safe_name", "LOG_FORMAT"]
 
 LOG_FORMAT = "%(asctime)s %(levelname)s worker=%(worker)s trial=%(trial)s %(message)s"
 _UNSAFE = re.compile(r"[^A-Za-z0-9._-]+")
@@ -24,8 +24,13 @@ def set_trial(number: int | None) -> None:
     _trial = "-" if number is None else str(number)
 
 
+def safe_name(text: str) -> str:
+    """``text`` usable as one file name: anything but letters, digits, ``._-`` becomes ``_``."""
+    return _UNSAFE.sub("_", text)
+
+
 def worker_log_path(log_dir: Path, study: str, host: str, index: int) -> Path:
-    return log_dir / f"worker_{_UNSAFE.sub('_', study)}_{_UNSAFE.sub('_', host)}_{index}.log"
+    return log_dir / f"worker_{safe_name(study)}_{safe_name(host)}_{index}.log"
 
 
 class _Context(logging.Filter):

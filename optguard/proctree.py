@@ -19,7 +19,9 @@ import psutil
 __all__ = [
     "become_subreaper",
     "die_with_parent",
+    "children_map",
     "tree_pids",
+    "has_children",
     "rss_of",
     "pss_of",
     "terminate",
@@ -57,13 +59,51 @@ def die_with_parent(parent: int) -> None:
         os._exit(1)  # the parent died before the request took effect
 
 
-def tree_pids(pid: int) -> list[int]:
-    """``pid`` and all its descendants (empty when ``pid`` is gone)."""
-    try:
-        proc = psutil.Process(pid)
-        return [pid] + [c.pid for c in proc.children(recursive=True)]
-    except psutil.Error:
+def children_map() -> dict[int, list[int]]:
+    """Each process's children, from one pass over ``/proc/<pid>/stat``.
+
+    psutil makes this same pass for every ``children()`` call; a supervisor that lists several
+    trees each second makes it once and walks them all (``tree_pids``).
+    """
+    kids: dict[int, list[int]] = {}
+    for name in os.listdir("/proc"):
+        if not name.isdigit():
+            continue
+        try:
+            with open(f"/proc/{name}/stat", "rb") as fh:
+                stat = fh.read()
+            ppid = int(stat[stat.rindex(b")") + 2 :].split(None, 2)[1])
+        except (OSError, ValueError, IndexError):
+            continue  # exited while listing: not part of any tree now
+        kids.setdefault(ppid, []).append(int(name))
+    return kids
+
+
+def tree_pids(pid: int, kids: dict[int, list[int]] | None = None) -> list[int]:
+    """``pid`` and all its descendants (empty when ``pid`` is gone), from ``kids``
+    (``children_map()``) when the caller already listed them."""
+    if not os.path.exists(f"/proc/{pid}"):
         return []
+    if kids is None:
+        kids = children_map()
+    pids, stack = [pid], [pid]
+    while stack:
+        for child in kids.get(stack.pop(), ()):
+            pids.append(child)
+            stack.append(child)
+    return pids
+
+
+def has_children() -> bool:
+    """Whether this process has any child, without scanning ``/proc`` as psutil must.
+
+    ``waitid(WNOHANG | WNOWAIT)`` reaps nothing; it fails with ECHILD only when there is none.
+    """
+    try:
+        os.waitid(os.P_ALL, 0, os.WEXITED | os.WNOHANG | os.WNOWAIT)
+    except ChildProcessError:
+        return False
+    return True
 
 
 def rss_of(pids: Iterable[int]) -> int:

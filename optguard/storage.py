@@ -29,6 +29,7 @@ __all__ = [
     "open_storage",
     "open_existing_study",
     "TrialSlots",
+    "set_trial_user_attrs",
 ]
 
 DEFAULT_DB = "optguard.db"
@@ -185,6 +186,27 @@ def open_existing_study(study: str, storage_url: str | None) -> tuple[str, Any, 
         return url, storage, storage.get_study_id_from_name(study)
     except KeyError:
         raise UsageError(f"no study named {study!r} in {mask_url(url)}") from None
+
+
+def set_trial_user_attrs(
+    storage: "optuna.storages.RDBStorage", trial_id: int, attrs: dict[str, Any]
+) -> None:
+    """Several user attributes of a running trial in one transaction.
+
+    ``trial.set_user_attr`` commits once per key; a worker records up to nine keys per trial,
+    and on SQLite each commit takes the database's one write lock. Optuna has no public batch
+    call, so this runs its own per-key upsert inside one session.
+    """
+    if not attrs:
+        return
+    from optuna.storages._rdb import models
+    from optuna.storages._rdb.storage import _create_scoped_session
+
+    with _create_scoped_session(storage.scoped_session, True) as session:
+        for key, value in attrs.items():
+            storage._set_trial_attr_without_commit(
+                session, models.TrialUserAttributeModel, trial_id, key, value
+            )
 
 
 class TrialSlots:

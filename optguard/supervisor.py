@@ -10,6 +10,12 @@ Escalation for a trial that never reaches a check (each step logged in the worke
 soft (the worker's next check prunes) -> interrupt (``GuardPruned`` raised in the worker's
 main thread) -> kill (SIGTERM then SIGKILL to the worker's process group, the trial marked
 PRUNED here, a replacement worker started).
+
+Emergency checkpoints: a worker about to run its trial's ``on_interrupt`` callbacks reports
+``checkpointing`` with its budget; until that budget (plus ``CHECKPOINT_MARGIN_S``) is spent,
+no step that would end the worker (interrupt -> kill, SIGTERM -> SIGKILL, a fatal stop's
+SIGKILL) is taken, except a kill for memory above the ceiling. A worker stuck in C never
+reports, so its kill timing is unchanged.
 """
 
 from __future__ import annotations
@@ -54,8 +60,11 @@ __all__ = ["run_study", "RunResult", "STORAGE_ENV"]
 STORAGE_ENV = "OPTGUARD_STORAGE"  # workers get the URL here, not in argv where `ps` shows it
 POLL_S = 0.1  # memory sampling rate of each worker's tree: 10 Hz
 PIDS_EVERY_S = 1.0  # how often each worker's descendants are listed again
-PROGRESS_EVERY_S = 1.0
+REQUESTS_EVERY_S = 1.0  # stop/cancel requests in the storage
+PROGRESS_EVERY_S = 2.0  # the progress display: a few aggregate queries
+INTERRUPT_ACK_S = 0.5  # an interrupt not acknowledged by then: the worker is stuck in C
 STOP_GRACE_S = 10.0  # cancel: from "prune at the next check" to the interrupt
+CHECKPOINT_MARGIN_S = 1.0  # past a worker's checkpoint budget: time to tell the trial
 REASON_CANCELLED = "cancelled"
 EARLY_STOP_ATTR = "optguard.early_stopped"  # on the study: why --patience ended it
 ORPHAN_GRACE_S = 2.0
@@ -90,6 +99,7 @@ class _Trial:
     violation: Violation | None = None
     violation_at: float = 0.0
     interrupted_at: float | None = None
+    acked: bool = False  # the worker said it acted on the interrupt
 
 
 @dataclass
@@ -105,11 +115,12 @@ class _Worker:
     ready: bool = False
     trial: _Trial | None = None
     pids: list[int] = field(default_factory=list)
-    pids_at: float = 0.0
     memory: int = 0
     kill: Violation | None = None
     kill_at: float = 0.0
     kill_escalated: bool = False
+    kill_now: bool = False  # memory above the ceiling: no wait for emergency checkpoints
+    checkpoint_until: float = 0.0  # running emergency checkpoint callbacks until then
 
     @property
     def tag(self) -> str:
@@ -219,6 +230,8 @@ def _worker_argv(opts: RunOptions, index: int) -> list[str]:
         "--sampler", opts.sampler,
         "--pruner", opts.pruner,
         "--log-dir", str(opts.log_dir),
+        "--checkpoint-dir", str(opts.checkpoint_dir),
+        "--checkpoint-budget", repr(opts.checkpoint_budget_s),
     ]  # fmt: skip
     optional = {
         "--n-trials": opts.n_trials,
@@ -272,7 +285,7 @@ class _Supervisor:
         self.fatal: OptguardError | None = None
         self.orphans: dict[int, _Orphan] = {}
         self.by_uid: dict[str, _Worker] = {}  # every worker this run started, exited ones too
-        self.orphans_at = 0.0
+        self.pids_at = 0.0  # when the process trees were last listed
 
     # -- workers ---------------------------------------------------------------------------
     def spawn(self, index: int) -> None:
@@ -321,17 +334,28 @@ class _Supervisor:
                 worker.ready = True
             elif kind == "start":
                 worker.trial = _Trial(event["trial"], event["trial_id"], event["started"])
-                worker.pids_at = 0.0
+            elif kind == "interrupted" and worker.trial and worker.trial.number == event.get("trial"):
+                worker.trial.acked = True
+            elif kind == "checkpointing":
+                budget = float(event.get("budget_s", 0.0))
+                worker.checkpoint_until = time.monotonic() + budget + CHECKPOINT_MARGIN_S
             elif kind == "end" and worker.trial and worker.trial.number == event.get("trial"):
                 worker.trial = None
-                self.orphans_at = 0.0  # look for what the trial double-forked away, now
 
     # -- the watch: time and memory of each running trial ----------------------------------
-    def measure(self, worker: _Worker, now: float) -> int:
-        if now - worker.pids_at > PIDS_EVERY_S:
-            worker.pids = proctree.tree_pids(worker.proc.pid)
-            worker.pids_at = now
-        memory = proctree.rss_of(worker.pids)
+    def list_trees(self, now: float) -> None:
+        """Every worker's process tree, and the orphans re-parented here, from one listing of
+        ``/proc`` per ``PIDS_EVERY_S``: the supervisor's main cost when trials are short."""
+        if now - self.pids_at < PIDS_EVERY_S:
+            return
+        self.pids_at = now
+        kids = proctree.children_map()
+        for worker in self.workers.values():
+            worker.pids = proctree.tree_pids(worker.proc.pid, kids) or [worker.proc.pid]
+        self.sweep_orphans(now, kids.get(os.getpid(), []))
+
+    def measure(self, worker: _Worker) -> int:
+        memory = proctree.rss_of(worker.pids or [worker.proc.pid])
         limit = self.opts.limits.max_rss_bytes
         if limit is not None and len(worker.pids) > 1 and memory > limit * PSS_FROM:
             memory = proctree.pss_of(worker.pids)  # shared pages counted once, not per process
@@ -342,7 +366,7 @@ class _Supervisor:
         trial = worker.trial
         if trial is None or worker.kill is not None:
             return
-        memory = self.measure(worker, now)
+        memory = self.measure(worker)
         if self.cancel_at is not None:
             self.watch_cancel(worker, trial, now)
             return
@@ -364,9 +388,12 @@ class _Supervisor:
                     f"Trial #{trial.number}: memory {memory / 1e6:.0f}MB is above the ceiling "
                     f"{esc.memory_ceiling:g}x the limit {limit / 1e6:.0f}MB: killing at once",
                 )  # fmt: skip
-                self.begin_kill(worker, violation)
+                self.begin_kill(worker, violation, now=True)
                 return
-            if trial.violation is None:
+            if trial.violation is None and esc.memory_grace_s <= 0:
+                trial.violation_at = now
+                self.interrupt(worker, trial, violation, "no memory grace: interrupting the worker")
+            elif trial.violation is None:
                 trial.violation, trial.violation_at = violation, now
                 self.step(worker, "soft", violation, "pruning at its next check")
             elif trial.interrupted_at is None and now - trial.violation_at > esc.memory_grace_s:
@@ -378,11 +405,7 @@ class _Supervisor:
         ):
             violation = Violation(trial.number, REASON_TIMEOUT, elapsed, memory, limits.timeout_s)
             self.interrupt(worker, trial, violation)
-        if (
-            trial.interrupted_at is not None
-            and trial.violation is not None
-            and now - trial.interrupted_at > esc.kill_after_s
-        ):
+        if trial.violation is not None and self.interrupt_spent(worker, trial, now):
             self.begin_kill(worker, replace(trial.violation, elapsed_s=elapsed))
 
     def watch_cancel(self, worker: _Worker, trial: _Trial, now: float) -> None:
@@ -394,7 +417,7 @@ class _Supervisor:
             self.step(worker, "soft", trial.violation, "cancel: pruning at its next check")
         elif trial.interrupted_at is None and now - trial.violation_at > STOP_GRACE_S:
             self.interrupt(worker, trial, trial.violation)
-        elif trial.interrupted_at is not None and now - trial.interrupted_at > self.esc.kill_after_s:
+        elif self.interrupt_spent(worker, trial, now):
             self.begin_kill(worker, trial.violation)
 
     def heartbeat(self) -> None:
@@ -418,7 +441,7 @@ class _Supervisor:
                 self.stop("Ctrl+C: no new trials, running trials finish; Ctrl+C again cancels them")
             else:
                 self.cancel("cancelling: running trials are pruned at their next check")
-        if now - self.requests_at > PROGRESS_EVERY_S:
+        if now - self.requests_at > REQUESTS_EVERY_S:
             self.requests_at = now
             if self.opts.patience is not None and not self.draining:
                 self.check_plateau()
@@ -459,14 +482,17 @@ class _Supervisor:
         self.stop(notice)
         self.cancel_at = time.monotonic()
 
-    def interrupt(self, worker: _Worker, trial: _Trial, violation: Violation) -> None:
+    def interrupt(
+        self,
+        worker: _Worker,
+        trial: _Trial,
+        violation: Violation,
+        note: str = "no check within the grace period: interrupting the worker",
+    ) -> None:
         trial.violation = violation
         trial.interrupted_at = time.monotonic()
         self.interrupts += 1
-        self.step(
-            worker, "interrupt", violation,
-            "no check within the grace period: interrupting the worker",
-        )  # fmt: skip
+        self.step(worker, "interrupt", violation, note)
 
     def step(self, worker: _Worker, cmd: str, violation: Violation, note: str) -> None:
         """Log one escalation step in the worker's log and send it the command."""
@@ -502,9 +528,28 @@ class _Supervisor:
         self.interrupt(worker, trial, violation)
 
     # -- killing -----------------------------------------------------------------------------
-    def begin_kill(self, worker: _Worker, violation: Violation) -> None:
+    def interrupt_spent(self, worker: _Worker, trial: _Trial, now: float) -> bool:
+        """Whether an interrupted trial's worker is due for the kill step.
+
+        A worker running Python handles the interrupt within milliseconds and says so; one that
+        has not after ``INTERRUPT_ACK_S`` is stuck in C and cannot act on a SIGTERM either, so
+        waiting ``--kill-after`` twice would only delay the SIGKILL. One that acknowledged gets
+        ``--kill-after`` to end the trial, and its checkpoint budget when it asked for one.
+        """
+        if trial.interrupted_at is None or self.checkpointing(worker, now):
+            return False
+        wait = self.esc.kill_after_s if trial.acked else min(INTERRUPT_ACK_S, self.esc.kill_after_s)
+        return now - trial.interrupted_at > wait
+
+    @staticmethod
+    def checkpointing(worker: _Worker, now: float) -> bool:
+        """The worker runs emergency checkpoint callbacks: nothing may end it yet."""
+        return now < worker.checkpoint_until
+
+    def begin_kill(self, worker: _Worker, violation: Violation, now: bool = False) -> None:
         worker.kill = violation
         worker.kill_at = time.monotonic()
+        worker.kill_now = now
         self._log(
             worker, logging.ERROR, violation.trial_number,
             f"Trial #{violation.trial_number}: killing worker pid {worker.proc.pid} and its "
@@ -516,30 +561,28 @@ class _Supervisor:
     def escalate_kills(self, now: float) -> None:
         for worker in self.workers.values():
             if worker.kill is not None and not worker.kill_escalated:
-                if now - worker.kill_at > self.esc.kill_after_s:
+                if now - worker.kill_at > self.esc.kill_after_s and (
+                    worker.kill_now or not self.checkpointing(worker, now)
+                ):
                     worker.kill_escalated = True
                     worker.signal_tree(signal.SIGKILL)
 
-    def sweep_orphans(self, now: float) -> None:
+    def sweep_orphans(self, now: float, children: list[int]) -> None:
         """End processes re-parented here once the trial that started them is over.
 
         An orphan names its worker (and, when it was exec'd, its trial) in its inherited
         environment; a forked one is pinned to the trial its worker ran when first seen. Zombies
         are reaped.
         """
-        if now - self.orphans_at < PIDS_EVERY_S:
-            return
-        self.orphans_at = now
         by_uid = self.by_uid
         worker_pids = {w.proc.pid for w in self.workers.values()}
-        try:
-            children = psutil.Process().children()
-        except psutil.Error:
-            return  # cannot list this process's children now; the next sweep will
-        for child in children:
-            if child.pid in worker_pids:
+        for gone in set(self.orphans) - set(children):
+            del self.orphans[gone]  # reaped: no longer a child of this process
+        for pid in children:
+            if pid in worker_pids:
                 continue
             try:
+                child = self.orphans[pid].proc if pid in self.orphans else psutil.Process(pid)
                 if child.status() == psutil.STATUS_ZOMBIE:
                     os.waitpid(child.pid, os.WNOHANG)
                     self.orphans.pop(child.pid, None)
@@ -598,7 +641,7 @@ class _Supervisor:
         self.read_status(worker)
         worker.close()
         trial, worker.trial = worker.trial, None  # whatever it ran is over: its orphans can go
-        self.orphans_at = 0.0
+        self.pids_at = 0.0  # look for them now
         if worker.kill is not None:
             self.record_kill(worker, trial, code)
         elif code == EXIT_RECYCLE:
@@ -711,7 +754,8 @@ class _Supervisor:
                     proctree.kill_group(worker.proc.pid, signal.SIGTERM)
             elif self.stopping_since is not None and now - self.stopping_since > STOP_GRACE_S:
                 for worker in self.workers.values():
-                    proctree.kill_group(worker.proc.pid, signal.SIGKILL)
+                    if not self.checkpointing(worker, now):
+                        proctree.kill_group(worker.proc.pid, signal.SIGKILL)
             for worker in list(self.workers.values()):
                 self.read_status(worker)
                 code = worker.proc.poll()
@@ -722,7 +766,7 @@ class _Supervisor:
             self.escalate_kills(now)
             if self.stopping_since is None and self.cancel_at is None:
                 self.watch_system_memory()
-            self.sweep_orphans(now)
+            self.list_trees(now)
             if now - self.heartbeat_at > self.opts.heartbeat_s:
                 self.heartbeat_at = now
                 self.heartbeat()

@@ -25,6 +25,12 @@ import psutil
 from optuna.trial import TrialState
 
 from optguard import channel, guard as guard_mod, proctree
+from optguard.checkpointing import (
+    CHECKPOINT_DIR_ENV,
+    clear_interrupt_callbacks,
+    has_interrupt_callbacks,
+    run_interrupt_callbacks,
+)
 from optguard.cleanup import release_memory
 from optguard.config import RunOptions
 from optguard.control import read_request
@@ -32,8 +38,15 @@ from optguard.errors import OptguardError
 from optguard.guard import GuardPruned, TrialGuard, Violation
 from optguard.limits import format_gb
 from optguard.logs import set_trial, worker_log_path, worker_logger
+from optguard.memory import peak_rss, reset_peak
 from optguard.objective import error_line, load_objective
-from optguard.storage import TrialSlots, mask_url, open_storage, resolve_url
+from optguard.storage import (
+    TrialSlots,
+    mask_url,
+    open_storage,
+    resolve_url,
+    set_trial_user_attrs,
+)
 from optguard.study import make_pruner, make_sampler
 
 __all__ = ["run_worker", "WorkerIdentity", "ATTR_PREFIX", "START_FAILURE", "EXIT_RECYCLE"]
@@ -43,6 +56,9 @@ START_FAILURE = "Worker cannot start:"
 REASON_INTERRUPTED = "interrupted"
 EXIT_RECYCLE = 75  # "replace me": the supervisor starts a fresh worker, not counted as a death
 LEFTOVER_GRACE_S = 2.0  # SIGTERM to SIGKILL for processes a trial left running
+# The stop/cancel flag is read at most this often (one storage read), as the supervisor does:
+# with short trials a read before every trial would be a large part of the work.
+CONTROL_POLL_S = 1.0
 
 
 @dataclass(frozen=True)
@@ -81,12 +97,14 @@ def _as_value(result: Any) -> tuple[float | None, str | None]:
 class _Supervised:
     """Signals and supervisor commands, as seen from inside the worker.
 
-    SIGTERM/SIGINT: take no new trial and prune the running one at its next check (a second
-    SIGINT raises ``KeyboardInterrupt``, for a worker run by hand). SIGUSR2: take no new trial,
-    let the running one finish (a graceful stop). SIGUSR1: a command waits on
-    the control pipe. An ``interrupt`` raises ``GuardPruned`` right in the main thread when the
-    objective is running: the one handler here that does more than set a flag, because
-    interrupting a trial stuck in a loop, a sleep or a lock wait is its whole point.
+    SIGTERM/SIGINT (a scheduler, the supervisor's kill step, Ctrl+C on a worker run by hand):
+    take no new trial and end the running one now, as an interrupt does, so its emergency
+    checkpoint callbacks run before a SIGKILL follows (a second SIGINT raises
+    ``KeyboardInterrupt``). SIGUSR2: take no new trial, let the running one finish (a graceful
+    stop). SIGUSR1: a command waits on the control pipe. An ``interrupt`` raises
+    ``GuardPruned`` right in the main thread when the objective is running: the handlers here
+    that do more than set a flag, because interrupting a trial stuck in a loop, a sleep or a
+    lock wait is their whole point. The callbacks run later, in ``_TrialRunner``.
     """
 
     def __init__(self) -> None:
@@ -98,6 +116,7 @@ class _Supervised:
         self.guard: TrialGuard | None = None
         self.in_objective = False
         self.tree_peak = 0
+        self.command: Violation | None = None  # the trial's interrupt or kill, kill winning
 
     def install(self) -> None:
         parent = os.environ.pop(channel.SUPERVISOR_ENV, "")
@@ -130,6 +149,7 @@ class _Supervised:
     def begin(self, guard: TrialGuard) -> None:
         self.guard = guard
         self.tree_peak = 0
+        self.command = None
 
     def end(self) -> None:
         """Read what is left on the control pipe (peaks), with the command signals blocked."""
@@ -149,8 +169,15 @@ class _Supervised:
             raise KeyboardInterrupt
         self.stop_reason = REASON_INTERRUPTED
         self._apply(self._drain(), raise_now=False)
-        if self.guard is not None:
-            self.guard.request_stop(self.guard.stop_violation(REASON_INTERRUPTED))
+        guard = self.guard
+        if guard is None:
+            return
+        guard.request_stop(guard.stop_violation(REASON_INTERRUPTED))
+        stop = self.command or guard.stop_requested  # a command already read wins
+        if self.in_objective and stop is not None:
+            if stop.enforcement == "check":
+                stop = replace(stop, enforcement="interrupt")
+            raise GuardPruned(stop)
 
     def _on_stop(self, _signum: int, _frame: FrameType | None) -> None:
         self.stop_reason = self.stop_reason or "stopped"  # the running trial finishes
@@ -181,14 +208,21 @@ class _Supervised:
             guard.request_stop(violation)
             if cmd == "interrupt":
                 interrupt = violation
-        if interrupt is not None and raise_now:
-            raise GuardPruned(interrupt)
+            if cmd == "kill" or (cmd == "interrupt" and self.command is None):
+                self.command = violation
+        if interrupt is not None:
+            # The supervisor waits for this before giving the worker --kill-after: a worker
+            # stuck in C never gets here, and is killed sooner.
+            self.report("interrupted", trial=guard.number)
+            if raise_now:
+                raise GuardPruned(interrupt)
 
 
 class _TrialRunner:
     def __init__(
         self,
         study: optuna.Study,
+        storage: optuna.storages.RDBStorage,
         objective: Callable[[optuna.trial.Trial], Any],
         opts: RunOptions,
         identity: WorkerIdentity,
@@ -196,6 +230,7 @@ class _TrialRunner:
         supervised: _Supervised,
     ) -> None:
         self.study = study
+        self.storage = storage
         self.objective = objective
         self.opts = opts
         self.identity = identity
@@ -205,24 +240,35 @@ class _TrialRunner:
         # the objective's own; only processes started during a trial are ended after it.
         self.own_children = {c.pid for c in psutil.Process().children(recursive=True)}
         self.last_final_rss = 0
+        # Where optguard.checkpoints() roots its directories, here and in the trials' children.
+        os.environ[CHECKPOINT_DIR_ENV] = str(opts.checkpoint_dir.absolute())
 
     def _record_violation(self, trial: optuna.trial.Trial, violation: Violation) -> None:
         self.log.warning(violation.log_line() + f" [{violation.enforcement}]")
-        trial.set_user_attr(ATTR_PREFIX + "reason", violation.reason)
-        trial.set_user_attr(ATTR_PREFIX + "elapsed_s", round(violation.elapsed_s, 3))
-        trial.set_user_attr(ATTR_PREFIX + "rss_bytes", violation.rss_bytes)
-        trial.set_user_attr(ATTR_PREFIX + "limit", violation.limit)
-        trial.set_user_attr(ATTR_PREFIX + "enforcement", violation.enforcement)
+        self.set_attrs(
+            trial,
+            {
+                "reason": violation.reason,
+                "elapsed_s": round(violation.elapsed_s, 3),
+                "rss_bytes": violation.rss_bytes,
+                "limit": violation.limit,
+                "enforcement": violation.enforcement,
+                # The kill step's SIGTERM ended a trial still able to run Python.
+                **({"hard_kill": True} if violation.enforcement == "hard_kill" else {}),
+            },
+        )
         if violation.reason in guard_mod.MEMORY_REASONS:
             release_memory()  # give the memory back before the pruned trial is told
 
     def run(self, trial: optuna.trial.Trial) -> TrialState:
         number = trial.number
         set_trial(number)
-        trial.set_user_attr(ATTR_PREFIX + "worker", self.identity.tag)
+        attrs: dict[str, Any] = {"worker": self.identity.tag}
         if self.opts.tag is not None:
-            trial.set_user_attr(ATTR_PREFIX + "tag", self.opts.tag)
+            attrs["tag"] = self.opts.tag
+        self.set_attrs(trial, attrs)
         guard = TrialGuard(trial, self.opts.limits)
+        reset_peak()
         self.supervised.report(
             "start", trial=number, trial_id=trial._trial_id, started=guard.started
         )
@@ -261,6 +307,9 @@ class _TrialRunner:
             guard.uninstall()
         duration = guard.elapsed()
         if violation is not None:
+            self._emergency_checkpoints(number)
+        clear_interrupt_callbacks()
+        if violation is not None:
             if violation.enforcement != "check":
                 violation = replace(violation, elapsed_s=duration)
             self._record_violation(trial, violation)
@@ -270,10 +319,9 @@ class _TrialRunner:
         os.environ.pop(channel.TRIAL_ENV, None)
         self._end_leftovers(number)
         self.supervised.end()
-        peak = max(guard.peak_rss, self.supervised.tree_peak)
-        if peak:
-            trial.set_user_attr(ATTR_PREFIX + "peak_rss_bytes", peak)
-        self._finish(trial, state, value)
+        # The kernel's exact peak of this process; the tree's, sampled by the supervisor.
+        peak = max(peak_rss(), guard.peak_rss, self.supervised.tree_peak)
+        self._finish(trial, state, value, {"peak_rss_bytes": peak} if peak else {})
         self.log.info(
             "Trial #%d finished: state=%s value=%s duration=%.2fs",
             number,
@@ -285,8 +333,25 @@ class _TrialRunner:
         set_trial(None)
         return state
 
+    def _emergency_checkpoints(self, number: int) -> None:
+        """The objective's ``on_interrupt`` callbacks, within ``--checkpoint-budget``.
+
+        The supervisor hears ``checkpointing`` first and holds its kill step until the budget
+        is spent; a callback still running then is abandoned (logged) and the trial is told.
+        """
+        if not has_interrupt_callbacks():
+            return
+        budget = self.opts.checkpoint_budget_s
+        self.supervised.report("checkpointing", trial=number, budget_s=budget)
+        self.log.info(
+            "Trial #%d: running emergency checkpoint callbacks (budget %gs)", number, budget
+        )
+        run_interrupt_callbacks(budget, self.log)
+
     def _end_leftovers(self, number: int) -> None:
         """End what the trial started and left running (a server, a ``sleep 1000``)."""
+        if not self.own_children and not proctree.has_children():
+            return  # the common case, one syscall instead of a scan of /proc
         try:
             children = psutil.Process().children(recursive=True)
         except psutil.Error:
@@ -304,11 +369,23 @@ class _TrialRunner:
             ",".join(str(c.pid) for c in leftovers),
         )
 
-    def _finish(self, trial: optuna.trial.Trial, state: TrialState, value: float | None) -> None:
+    def set_attrs(self, trial: optuna.trial.Trial, attrs: dict[str, Any]) -> None:
+        """``optguard.``-prefixed user attributes, all in one storage transaction."""
+        set_trial_user_attrs(
+            self.storage, trial._trial_id, {ATTR_PREFIX + k: v for k, v in attrs.items()}
+        )
+
+    def _finish(
+        self,
+        trial: optuna.trial.Trial,
+        state: TrialState,
+        value: float | None,
+        attrs: dict[str, Any],
+    ) -> None:
         """Clean up, record the final memory, then tell: a finished trial is read-only."""
         report = release_memory()
         self.last_final_rss = report.rss_after
-        trial.set_user_attr(ATTR_PREFIX + "final_rss_bytes", report.rss_after)
+        self.set_attrs(trial, {**attrs, "final_rss_bytes": report.rss_after})
         self.log.info(
             "Trial #%d final memory: %s (freed %.1fMB in %.1fms, gc collected %d objects)",
             trial.number,
@@ -384,17 +461,20 @@ def run_worker(opts: RunOptions, index: int = 0) -> int:
     # Everything loaded so far (optuna, the objective's modules and data) lives as long as the
     # worker: freezing it keeps the post-trial gc passes from rescanning it after every trial.
     gc.freeze()
-    runner = _TrialRunner(study, objective, opts, identity, log, supervised)
+    runner = _TrialRunner(study, slots.storage, objective, opts, identity, log, supervised)
     supervised.report("ready")
     ran = 0
     code = 0
     started = time.monotonic()
+    polled = -math.inf
     try:
         while supervised.stop_reason is None:
-            requested = read_request(slots.storage, slots.study_id)
-            if requested is not None:
-                supervised.stop_reason = f"optguard {requested}"
-                break
+            if time.monotonic() - polled >= CONTROL_POLL_S:
+                polled = time.monotonic()
+                requested = read_request(slots.storage, slots.study_id)
+                if requested is not None:
+                    supervised.stop_reason = f"optguard {requested}"
+                    break
             trial = slots.claim(study, opts.n_trials)
             if trial is None:
                 log.info("Study %s has its %s trials", opts.study, opts.n_trials)

@@ -26,7 +26,7 @@ pytestmark = pytest.mark.scenario
 
 FAST = ["--grace", "1", "--kill-after", "1"]
 TIME = ["--timeout", "1", *FAST]
-MEMORY = ["--max-rss", "400MB", "--memory-grace", "1", *FAST]
+MEMORY = ["--max-rss", "400MB", *FAST]  # no memory grace: interrupted at once
 
 
 @dataclass(frozen=True)
@@ -48,7 +48,11 @@ SCENARIOS = {
                        ("interrupting the worker [interrupt]", "killing worker pid",
                         "Trial #0 pruned: Trial timeout: ", "[hard_kill: worker signal SIGKILL")),
     "leak": Scenario("leak.py", (*MEMORY, "--memory-ceiling", "4"), TrialState.PRUNED,
-                     "memory", "interrupt", ("[soft]", "Trial #0 pruned: Memory limit exceeded: ")),
+                     "memory", "interrupt", ("no memory grace: interrupting the worker [interrupt]",
+                                             "Trial #0 pruned: Memory limit exceeded: ")),
+    "leak_grace": Scenario("leak.py", (*MEMORY, "--memory-grace", "1", "--memory-ceiling", "4"),
+                           TrialState.PRUNED, "memory", "interrupt",
+                           ("pruning at its next check [soft]", "[interrupt]")),
     "leak_ceiling": Scenario("leak.py", ("--max-rss", "400MB", "--memory-grace", "30", *FAST),
                              TrialState.PRUNED, "memory", "hard_kill",
                              ("above the ceiling 1.25x", "Memory limit exceeded: ")),

@@ -117,7 +117,7 @@ def test_objective_without_torch_never_gets_torch(tmp_path: Path, study_name: st
 
 
 def test_exact_total_over_three_workers_sqlite(tmp_path: Path, study_name: str) -> None:
-    result = _run(tmp_path, study_name, "fast.py:objective", "--n-trials", "30", "--workers", "3")
+    result = _run(tmp_path, study_name, "fast.py:paced", "--n-trials", "30", "--workers", "3")
     assert result.returncode == 0, result.stderr
     trials = load_trials(sqlite_url(tmp_path), study_name)
     assert len(trials) == 30
