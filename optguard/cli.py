@@ -157,8 +157,8 @@ def run(
         None, "--memory-grace", help="Past the memory limit, the same wait; 0 interrupts at once. [0s]"
     ),
     kill_after: Optional[str] = typer.Option(
-        None, "--kill-after", help="After an interrupt, wait this long before killing the "
-        "worker's process tree. [5s]",
+        None, "--kill-after", help="After an interrupt the worker acknowledged, wait this "
+        "long before SIGTERM to its process tree, and as long again before SIGKILL. [5s]",
     ),
     memory_ceiling: Optional[float] = typer.Option(
         None, "--memory-ceiling", help="Kill at once above this multiple of --max-rss. [1.25]"

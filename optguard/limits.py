@@ -124,8 +124,9 @@ class Escalation:
 
     After the soft limit: ``grace_s`` (time) or ``memory_grace_s`` (memory; by default none,
     since a leak keeps growing and the machine's memory is at stake) until the worker is
-    interrupted, then ``kill_after_s`` until its process tree is
-    killed. Memory above ``memory_ceiling`` times the limit is killed at once.
+    interrupted, then ``kill_after_s`` (0.5 s when the worker does not acknowledge the interrupt:
+    stuck in C) until SIGTERM to its process tree, and ``kill_after_s`` more until SIGKILL.
+    Memory above ``memory_ceiling`` times the limit is killed at once.
     ``max_system_ram_pct`` prunes the biggest running trial when the machine runs short.
     """
 

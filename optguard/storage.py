@@ -1,9 +1,8 @@
 """Opening the study's storage, safely shared by many worker processes and hosts.
 
-SQLite is the embedded default and needs care to be shared by concurrent processes: a long
-busy timeout, WAL, transactions that take the write lock up front (``BEGIN IMMEDIATE``, so a
-read-then-write never fails with "database is locked" without waiting), and the schema
-created once by the parent before workers start. PostgreSQL and MySQL need nothing special.
+SQLite is the embedded default and needs care to be shared by concurrent processes (see
+``optguard.sqlite``), with the schema created once by the parent before workers start.
+PostgreSQL and MySQL need nothing special.
 """
 
 from __future__ import annotations
@@ -11,12 +10,12 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import importlib.util
-import sqlite3
 import zlib
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Iterator
 
 from optguard.errors import StorageError, StorageURLError, UsageError
+from optguard.sqlite import BUSY_TIMEOUT_S, install_events, prepare_file
 
 if TYPE_CHECKING:
     import optuna
@@ -33,7 +32,6 @@ __all__ = [
 ]
 
 DEFAULT_DB = "optguard.db"
-SQLITE_BUSY_TIMEOUT_S = 120.0
 _BACKENDS = ("sqlite", "postgresql", "mysql")
 
 
@@ -104,32 +102,6 @@ def sqlite_path(url: str) -> Path | None:
     return Path(parsed.database) if parsed.get_backend_name() == "sqlite" else None
 
 
-def _prepare_sqlite_file(path: Path) -> None:
-    """Switch the file to WAL once; the mode is stored in the file and kept for all connections."""
-    if not path.parent.is_dir():
-        raise StorageError(f"cannot create SQLite storage {path}: directory does not exist")
-    try:
-        with contextlib.closing(sqlite3.connect(path, timeout=SQLITE_BUSY_TIMEOUT_S)) as conn:
-            conn.execute("PRAGMA journal_mode=WAL")
-    except sqlite3.Error as exc:
-        raise StorageError(f"cannot open SQLite storage {path}: {exc}") from None
-
-
-def _install_sqlite_events(engine: Any) -> None:
-    from sqlalchemy import event
-
-    @event.listens_for(engine, "connect")
-    def _on_connect(dbapi_conn: Any, _record: Any) -> None:
-        dbapi_conn.isolation_level = None  # let the "begin" event below issue BEGIN itself
-        dbapi_conn.execute("PRAGMA synchronous=NORMAL")  # safe with WAL; fsync at checkpoints
-
-    @event.listens_for(engine, "begin")
-    def _on_begin(conn: Any) -> None:
-        conn.exec_driver_sql("BEGIN IMMEDIATE")
-
-    engine.dispose()  # connections opened before the events were installed are dropped
-
-
 def open_storage(
     url: str, *, create_schema: bool = False, heartbeat_s: float | None = None
 ) -> "optuna.storages.RDBStorage":
@@ -147,8 +119,8 @@ def open_storage(
     engine_kwargs: dict[str, Any] = {"pool_pre_ping": True}
     if path is not None:
         if create_schema:
-            _prepare_sqlite_file(path)
-        engine_kwargs = {"connect_args": {"timeout": SQLITE_BUSY_TIMEOUT_S}}
+            prepare_file(path)
+        engine_kwargs = {"connect_args": {"timeout": BUSY_TIMEOUT_S}}
     beat = None if heartbeat_s is None else max(1, round(heartbeat_s))
     try:
         with warnings.catch_warnings():
@@ -168,7 +140,7 @@ def open_storage(
         reason = redact(detail[0] if detail else type(exc).__name__, url)
         raise StorageError(f"cannot connect to storage {mask_url(url)}: {reason}") from None
     if path is not None:
-        _install_sqlite_events(storage.engine)
+        install_events(storage.engine, path)
     return storage
 
 
