@@ -264,8 +264,9 @@ class CheckpointManager:
         files of dead processes; then the metadata. Failures here lose no checkpoint."""
         files = self._files()
         stale = [p for p in self.directory.glob(f"step-{step:09d}.*") if p.name != name]
-        if self.keep is not None:
-            stale += list(files.values())[: max(0, len(files) - self.keep)]
+        if self.keep is not None:  # the file just written, and the highest other steps
+            others = [p for p in files.values() if p.name != name]
+            stale += others[: max(0, len(others) - (self.keep - 1))]
         stale += self._dead_temp_files()
         for path in stale:
             with contextlib.suppress(FileNotFoundError):

@@ -18,7 +18,7 @@ from typing import Any
 
 from optguard.errors import StorageError
 
-__all__ = ["BUSY_TIMEOUT_S", "prepare_file", "install_events"]
+__all__ = ["BUSY_TIMEOUT_S", "prepare_file", "install_events", "in_transaction"]
 
 BUSY_TIMEOUT_S = 120.0
 
@@ -34,16 +34,30 @@ def prepare_file(path: Path) -> None:
         raise StorageError(f"cannot open SQLite storage {path}: {exc}") from None
 
 
+def in_transaction() -> bool:
+    """Whether this process is taking, holding or giving back the queued write lock.
+
+    The worker's interrupt handlers raise in its main thread; raised between taking the lock
+    and counting it, the lock would stay held and every other worker would wait for ever, so
+    meanwhile they leave the trial to its next check (the supervisor's kill still applies).
+    """
+    return _busy > 0
+
+
+_busy = 0  # acquires not yet released, over every lock of this process
+
+
 class _WriteLock:
-    """A lock file every optguard process takes before ``BEGIN IMMEDIATE`` on one SQLite file.
+    """A lock file optguard's workers take before ``BEGIN IMMEDIATE`` on one SQLite file.
 
     SQLite's own wait for its write lock is a busy handler that sleeps 1, 2, 5, 10... ms
     between tries, so with two busy workers most transactions sleep for milliseconds after
     the lock was already free. ``flock`` wakes the next waiter as soon as it is released, and
-    the kernel drops it when a process dies. It only orders optguard's own processes: SQLite's
-    lock still decides, so other programs on the file (and two transactions of one process,
-    which share the lock here) fall back to the busy timeout. Reopened after a fork: a shared
-    open file description would share the lock.
+    the kernel drops it when a process dies. It only orders the workers: SQLite's lock still
+    decides, so the supervisor, the other commands and other programs on the file (and two
+    transactions of one process, which share the lock here) wait with the busy timeout, and
+    a Ctrl+C there is never held up by a worker. Reopened after a fork: a shared open file
+    description would share the lock.
     """
 
     def __init__(self, path: Path) -> None:
@@ -51,29 +65,41 @@ class _WriteLock:
         self._guard = threading.Lock()
         self._fh: Any = None
         self._pid = -1
-        self._depth = 0  # open transactions of this process
+        self._depth = 0  # open transactions of this process on this file
 
     def acquire(self) -> None:
-        with self._guard:
-            if self._depth == 0:
-                if self._pid != os.getpid():
-                    self._fh = self.path.open("a")
-                    self._pid = os.getpid()
-                fcntl.flock(self._fh, fcntl.LOCK_EX)
-            self._depth += 1
+        global _busy
+        _busy += 1  # first: from here on the worker's handlers do not raise
+        try:
+            with self._guard:
+                if self._depth == 0:
+                    if self._pid != os.getpid():
+                        self._fh = self.path.open("a")
+                        self._pid = os.getpid()
+                    fcntl.flock(self._fh, fcntl.LOCK_EX)
+                self._depth += 1
+        except BaseException:
+            _busy -= 1
+            raise
 
     def release(self) -> None:
+        global _busy
         with self._guard:
             self._depth -= 1
             if self._depth == 0:
                 fcntl.flock(self._fh, fcntl.LOCK_UN)
+        _busy -= 1  # last
 
 
-def install_events(engine: Any, path: Path) -> None:
+def install_events(engine: Any, path: Path, queue: bool) -> None:
+    """``BEGIN IMMEDIATE`` for every transaction; with ``queue`` (workers), the lock file first.
+
+    SQLAlchemy ends every transaction that began with exactly one ``commit`` or ``rollback``
+    event (closing a connection mid-transaction rolls back), and none when ``BEGIN`` failed.
+    """
     from sqlalchemy import event
 
-    lock = _WriteLock(Path(str(path) + ".optguard-txn"))
-    held = "optguard_write_lock"  # key in the DBAPI connection's info: this one holds the lock
+    lock = _WriteLock(Path(str(path) + ".optguard-txn")) if queue else None
 
     @event.listens_for(engine, "connect")
     def _on_connect(dbapi_conn: Any, _record: Any) -> None:
@@ -82,21 +108,18 @@ def install_events(engine: Any, path: Path) -> None:
 
     @event.listens_for(engine, "begin")
     def _on_begin(conn: Any) -> None:
+        if lock is None:
+            conn.exec_driver_sql("BEGIN IMMEDIATE")
+            return
         lock.acquire()
-        conn.info[held] = True
         try:
             conn.exec_driver_sql("BEGIN IMMEDIATE")
         except BaseException:
-            _release(conn.info)  # no transaction began, so no commit or rollback will follow
+            lock.release()  # no transaction began, so no commit or rollback will follow
             raise
 
-    def _release(info: dict[str, Any]) -> None:
-        if info.pop(held, False):
-            lock.release()
-
-    event.listen(engine, "commit", lambda conn: _release(conn.info))
-    event.listen(engine, "rollback", lambda conn: _release(conn.info))
-    # A connection given back to the pool ends whatever transaction it had.
-    event.listen(engine, "checkin", lambda _dbapi, record: _release(record.info))
+    if lock is not None:
+        event.listen(engine, "commit", lambda _conn: lock.release())
+        event.listen(engine, "rollback", lambda _conn: lock.release())
 
     engine.dispose()  # connections opened before the events were installed are dropped

@@ -103,12 +103,18 @@ def sqlite_path(url: str) -> Path | None:
 
 
 def open_storage(
-    url: str, *, create_schema: bool = False, heartbeat_s: float | None = None
+    url: str,
+    *,
+    create_schema: bool = False,
+    heartbeat_s: float | None = None,
+    queue_writes: bool = False,
 ) -> "optuna.storages.RDBStorage":
     """Open the RDB storage; ``create_schema`` is for the one process that sets it up.
 
     ``heartbeat_s`` turns on Optuna's RDB heartbeat (for the supervisor, which beats for its
     workers' trials and reaps other hosts' stale ones); a trial is stale after 4 intervals.
+    ``queue_writes`` (workers, on SQLite) queues transactions on a lock file: see
+    ``optguard.sqlite``.
     """
     import warnings
 
@@ -140,7 +146,7 @@ def open_storage(
         reason = redact(detail[0] if detail else type(exc).__name__, url)
         raise StorageError(f"cannot connect to storage {mask_url(url)}: {reason}") from None
     if path is not None:
-        install_events(storage.engine, path)
+        install_events(storage.engine, path, queue=queue_writes)
     return storage
 
 

@@ -334,6 +334,7 @@ class _Supervisor:
                 worker.ready = True
             elif kind == "start":
                 worker.trial = _Trial(event["trial"], event["trial_id"], event["started"])
+                worker.checkpoint_until = 0.0  # the last trial's hold is not this one's
             elif kind == "interrupted" and worker.trial and worker.trial.number == event.get("trial"):
                 worker.trial.acked = True
             elif kind == "checkpointing":
@@ -534,12 +535,14 @@ class _Supervisor:
         A worker running Python handles the interrupt within milliseconds and says so; one that
         has not after ``INTERRUPT_ACK_S`` is stuck in C and cannot act on a SIGTERM either, so
         waiting ``--kill-after`` twice would only delay the SIGKILL. One that acknowledged gets
-        ``--kill-after`` to end the trial, and its checkpoint budget when it asked for one.
+        ``--kill-after`` to end the trial, counted from the end of its checkpoint budget when it
+        asked for one (after its callbacks it still records, cleans up and tells the trial).
         """
         if trial.interrupted_at is None or self.checkpointing(worker, now):
             return False
-        wait = self.esc.kill_after_s if trial.acked else min(INTERRUPT_ACK_S, self.esc.kill_after_s)
-        return now - trial.interrupted_at > wait
+        if not trial.acked:
+            return now - trial.interrupted_at > min(INTERRUPT_ACK_S, self.esc.kill_after_s)
+        return now - max(trial.interrupted_at, worker.checkpoint_until) > self.esc.kill_after_s
 
     @staticmethod
     def checkpointing(worker: _Worker, now: float) -> bool:

@@ -39,6 +39,7 @@ from optguard.guard import GuardPruned, TrialGuard, Violation
 from optguard.limits import format_gb
 from optguard.logs import set_trial, worker_log_path, worker_logger
 from optguard.memory import peak_rss, reset_peak
+from optguard.sqlite import in_transaction
 from optguard.objective import error_line, load_objective
 from optguard.storage import (
     TrialSlots,
@@ -174,7 +175,7 @@ class _Supervised:
             return
         guard.request_stop(guard.stop_violation(REASON_INTERRUPTED))
         stop = self.command or guard.stop_requested  # a command already read wins
-        if self.in_objective and stop is not None:
+        if self.in_objective and stop is not None and not in_transaction():
             if stop.enforcement == "check":
                 stop = replace(stop, enforcement="interrupt")
             raise GuardPruned(stop)
@@ -214,7 +215,7 @@ class _Supervised:
             # The supervisor waits for this before giving the worker --kill-after: a worker
             # stuck in C never gets here, and is killed sooner.
             self.report("interrupted", trial=guard.number)
-            if raise_now:
+            if raise_now and not in_transaction():  # else at the next check, or the kill
                 raise GuardPruned(interrupt)
 
 
@@ -370,10 +371,11 @@ class _TrialRunner:
         )
 
     def set_attrs(self, trial: optuna.trial.Trial, attrs: dict[str, Any]) -> None:
-        """``optguard.``-prefixed user attributes, all in one storage transaction."""
-        set_trial_user_attrs(
-            self.storage, trial._trial_id, {ATTR_PREFIX + k: v for k, v in attrs.items()}
-        )
+        """``optguard.``-prefixed user attributes, all in one storage transaction; the
+        objective sees them in ``trial.user_attrs`` as after ``set_user_attr``."""
+        prefixed = {ATTR_PREFIX + k: v for k, v in attrs.items()}
+        set_trial_user_attrs(self.storage, trial._trial_id, prefixed)
+        trial._cached_frozen_trial.user_attrs.update(prefixed)
 
     def _finish(
         self,
@@ -401,7 +403,7 @@ class _TrialRunner:
 
 
 def _open_study(opts: RunOptions, url: str) -> tuple[optuna.Study, TrialSlots]:
-    storage = open_storage(url)
+    storage = open_storage(url, queue_writes=True)
     study = optuna.create_study(
         study_name=opts.study,
         storage=storage,

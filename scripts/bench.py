@@ -174,6 +174,8 @@ class Bench:
 def _rate(trials: list[Any]) -> float:
     """Trials per second from the first start to the last end."""
     done = [t for t in trials if t.datetime_complete is not None]
+    if len(done) < 2:
+        raise RuntimeError(f"{len(done)} finished trial(s): the run failed, nothing to time")
     span = max(t.datetime_complete for t in done) - min(t.datetime_start for t in done)
     return len(done) / span.total_seconds()
 
@@ -288,7 +290,11 @@ def supervisor_cpu(b: Bench, window_s: float, warmup_s: float) -> dict[str, floa
         used, wall = sum(me.cpu_times()[:2]) - before, time.monotonic() - start
     finally:
         proc.send_signal(signal.SIGINT)  # stop: the running trials finish
-        proc.wait(timeout=60)
+        try:
+            proc.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            proc.kill()  # its workers die with it (PR_SET_PDEATHSIG)
+            proc.wait()
     done = len([t for t in b.trials(b.url(study), study) if t.state.is_finished()])
     return {"pct_of_one_core": round(used / wall * 100, 2), "window_s": round(wall, 1),
             "trials": done}  # fmt: skip

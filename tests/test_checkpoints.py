@@ -52,6 +52,15 @@ def test_rotation_and_metadata(tmp_path: Path) -> None:
     )  # nothing else: no temp file, no rotated checkpoint
 
 
+def test_a_lower_step_just_saved_is_not_rotated_away(tmp_path: Path) -> None:
+    manager = CheckpointManager(tmp_path / "ckpt", keep=2)
+    manager.save("a", 5)
+    manager.save("b", 6)
+    path = manager.save("restart", 0)  # a trial that starts over below the steps on disk
+    assert path.is_file() and manager.load(0) == "restart"
+    assert manager.steps() == [0, 6]
+
+
 def test_trial_directory_is_the_original_trials(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
