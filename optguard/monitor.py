@@ -25,7 +25,7 @@ import psutil
 
 from optguard.errors import OptguardError, UsageError
 from optguard.monitor_gpu import GpuProbe
-from optguard.proctree import rss_of, tree_pids
+from optguard.proctree import children_map, rss_of, tree_pids
 
 __all__ = [
     "MonitorOptions",
@@ -166,8 +166,9 @@ class WorkerWatch:
         ``trial`` (null when unknown)."""
         trials = self._trials()
         workers = []
+        kids = children_map()  # one listing of /proc for every worker's tree
         for pid, study in find_workers():
-            pids = tree_pids(pid)
+            pids = tree_pids(pid, kids)
             if not pids:
                 continue  # exited since it was listed
             workers.append({
