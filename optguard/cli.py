@@ -66,6 +66,11 @@ CheckpointBudgetOpt = typer.Option(
     "get before the worker may be killed. [10s]",
 )
 
+StorageOutageOpt = typer.Option(
+    None, "--storage-outage", help="Ride out a storage outage this long (retries with "
+    "backoff), then exit 3 with the driver's cause. [60s]",
+)
+
 
 @app.callback()
 def _root(
@@ -187,6 +192,15 @@ def run(
     ),
     checkpoint_dir: Optional[Path] = CheckpointDirOpt,
     checkpoint_budget: Optional[str] = CheckpointBudgetOpt,
+    start_timeout: Optional[str] = typer.Option(
+        None, "--start-timeout", help="A worker not ready by then (its objective's import "
+        "hangs) ends the run. [10m]",
+    ),
+    fail_fast: Optional[int] = typer.Option(
+        None, "--fail-fast", help="End the run when its first N trials all fail with the same "
+        "error, as study.optimize stops at the first; 0 tolerates failures. [3]",
+    ),
+    storage_outage: Optional[str] = StorageOutageOpt,
 ) -> None:
     """Run a guarded study with N worker processes on one shared storage."""
     opts = _options(
@@ -197,6 +211,7 @@ def run(
         max_trials_per_worker=max_trials_per_worker, recycle_rss=recycle_rss, tag=tag,
         retry_pruned=retry_pruned, patience=patience, min_delta=min_delta, heartbeat=heartbeat,
         checkpoint_dir=checkpoint_dir, checkpoint_budget=checkpoint_budget,
+        start_timeout=start_timeout, fail_fast=fail_fast, storage_outage=storage_outage,
     )  # fmt: skip
     from optguard.storage import mask_url, resolve_url
     from optguard.supervisor import run_study
@@ -266,6 +281,7 @@ def worker(
     tag: Optional[str] = TagOpt,
     checkpoint_dir: Optional[Path] = CheckpointDirOpt,
     checkpoint_budget: Optional[str] = CheckpointBudgetOpt,
+    storage_outage: Optional[str] = StorageOutageOpt,
 ) -> None:
     """Run one worker in this process (what `run` starts N times; start more on other hosts)."""
     opts = _options(
@@ -273,7 +289,7 @@ def worker(
         max_rss=max_rss, direction=direction, sampler=sampler, pruner=pruner, config=config,
         log_dir=log_dir, workers=None, max_trials_per_worker=max_trials_per_worker,
         recycle_rss=recycle_rss, tag=tag, checkpoint_dir=checkpoint_dir,
-        checkpoint_budget=checkpoint_budget,
+        checkpoint_budget=checkpoint_budget, storage_outage=storage_outage,
     )  # fmt: skip
     from optguard.worker import run_worker
 

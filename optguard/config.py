@@ -51,6 +51,9 @@ CONFIG_KEYS: dict[str, tuple[type, ...]] = {
     "min_delta": (int, float),
     "checkpoint_dir": (str,),
     "checkpoint_budget": (str, int, float),
+    "start_timeout": (str, int, float),
+    "fail_fast": (int,),
+    "storage_outage": (str, int, float),
 }
 RETRY_REASONS = ("timeout", "memory", "system_memory", "worker_died")
 
@@ -79,6 +82,9 @@ class RunOptions:
     min_delta: float = 0.0
     checkpoint_dir: Path = DEFAULT_CHECKPOINT_DIR
     checkpoint_budget_s: float = 10.0  # emergency checkpoint callbacks, after an interrupt
+    start_timeout_s: float = 600.0  # a worker not ready by then (its import hangs) ends the run
+    fail_fast: int = 3  # the run's first N trials all failing with one error end it; 0: never
+    storage_outage_s: float = 60.0  # storage unreachable this long: give up (exit 3)
 
     def with_storage(self, url: str) -> "RunOptions":
         return replace(self, storage=url)
@@ -125,6 +131,9 @@ def resolve_options(flags: Mapping[str, Any], config: Path | None = None) -> Run
         value = merged.get(key)
         if not isinstance(value, str) or not value.strip():
             raise UsageError(f"missing required option {_option_name(key, False, None)}")
+    fail_fast = merged.get("fail_fast", 3)
+    if fail_fast < 0:
+        raise UsageError(f"{name('fail_fast')} must be >= 0, got {fail_fast}")
     for key in ("workers", "n_trials", "max_trials_per_worker", "patience"):
         value = merged.get(key)
         if value is not None and value < 1:
@@ -191,4 +200,7 @@ def resolve_options(flags: Mapping[str, Any], config: Path | None = None) -> Run
         checkpoint_budget_s=parsed(
             "checkpoint_budget", parse_duration, defaults.checkpoint_budget_s
         ),
+        start_timeout_s=parsed("start_timeout", parse_duration, defaults.start_timeout_s),
+        fail_fast=fail_fast,
+        storage_outage_s=parsed("storage_outage", parse_duration, defaults.storage_outage_s),
     )

@@ -10,12 +10,17 @@ __all__ = [
     "StorageError",
     "StorageURLError",
     "WorkerCrashError",
+    "WorkerStartError",
+    "StudyFailedError",
+    "StudyIncompleteError",
     "CheckpointError",
     "EXIT_OK",
     "EXIT_ERROR",
     "EXIT_USAGE",
     "EXIT_STORAGE",
     "EXIT_WORKERS",
+    "EXIT_FAILED",
+    "EXIT_INCOMPLETE",
     "EXIT_INTERRUPTED",
 ]
 
@@ -24,6 +29,8 @@ EXIT_ERROR = 1
 EXIT_USAGE = 2
 EXIT_STORAGE = 3
 EXIT_WORKERS = 4
+EXIT_FAILED = 5  # --fail-fast: the run's first trials all failed with one error
+EXIT_INCOMPLETE = 6  # the run ended without the study having its trials
 EXIT_INTERRUPTED = 130
 
 
@@ -61,6 +68,23 @@ class WorkerCrashError(OptguardError):
     """Workers keep dying; respawning them again would loop forever."""
 
     exit_code = EXIT_WORKERS
+
+
+class WorkerStartError(WorkerCrashError):
+    """A worker never got ready within ``--start-timeout`` (its objective's import hangs)."""
+
+
+class StudyFailedError(OptguardError):
+    """The first trials of the run all failed with the same error, as ``study.optimize``
+    would have stopped at the first one (``--fail-fast``)."""
+
+    exit_code = EXIT_FAILED
+
+
+class StudyIncompleteError(OptguardError):
+    """The run ended but the study lacks trials it was asked for: exit 0 would be a lie."""
+
+    exit_code = EXIT_INCOMPLETE
 
 
 class CheckpointError(OptguardError):

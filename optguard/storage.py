@@ -9,13 +9,13 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
-import importlib.util
 import zlib
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Iterator
 
 from optguard.errors import StorageError, StorageURLError, UsageError
 from optguard.sqlite import BUSY_TIMEOUT_S, install_events, prepare_file
+from optguard.urls import DEFAULT_DB, mask_url, redact, resolve_url, sqlite_path
 
 if TYPE_CHECKING:
     import optuna
@@ -30,76 +30,6 @@ __all__ = [
     "TrialSlots",
     "set_trial_user_attrs",
 ]
-
-DEFAULT_DB = "optguard.db"
-_BACKENDS = ("sqlite", "postgresql", "mysql")
-
-
-def _parse(url: str) -> Any:
-    from sqlalchemy.engine import make_url
-    from sqlalchemy.exc import ArgumentError
-
-    try:
-        return make_url(url)
-    except ArgumentError:
-        raise StorageURLError(f"cannot parse storage URL {_mask_unparsed(url)!r}") from None
-
-
-def _mask_unparsed(url: str) -> str:
-    """Hide anything between ``://user:`` and ``@`` in a URL too broken to parse."""
-    head, sep, rest = url.partition("://")
-    if not sep or "@" not in rest:
-        return url
-    creds, _, host = rest.rpartition("@")
-    user = creds.split(":", 1)[0]
-    return f"{head}://{user}:***@{host}" if ":" in creds else url
-
-
-def mask_url(url: str) -> str:
-    """The URL with its password replaced by ``***``: the only form ever printed or logged."""
-    try:
-        return _parse(url).render_as_string(hide_password=True)
-    except StorageURLError:
-        return _mask_unparsed(url)
-
-
-def redact(text: str, url: str) -> str:
-    """``text`` with the URL's password removed (driver errors sometimes echo it)."""
-    try:
-        password = _parse(url).password
-    except StorageURLError:
-        return text
-    return text.replace(str(password), "***") if password else text
-
-
-def resolve_url(url: str | None) -> str:
-    """The storage URL workers will use: the embedded SQLite file by default.
-
-    A relative SQLite path is made absolute so every worker opens the same file. ``mysql://``
-    uses PyMySQL when the C driver is not installed.
-    """
-    if url is None:
-        return f"sqlite:///{Path(DEFAULT_DB).resolve()}"
-    parsed = _parse(url)
-    backend = parsed.get_backend_name()
-    if backend not in _BACKENDS:
-        raise StorageURLError(
-            f"unsupported storage backend {backend!r} in {mask_url(url)} "
-            f"(use {', '.join(_BACKENDS)})"
-        )
-    if backend == "sqlite":
-        database = parsed.database
-        if not database or database == ":memory:":
-            raise StorageURLError("an in-memory SQLite storage cannot be shared by workers")
-        parsed = parsed.set(database=str(Path(database).resolve()))
-    if parsed.drivername == "mysql" and importlib.util.find_spec("MySQLdb") is None:
-        parsed = parsed.set(drivername="mysql+pymysql")
-    return parsed.render_as_string(hide_password=False)
-
-
-def sqlite_path(url: str) -> Path | None:
-    parsed = _parse(url)
-    return Path(parsed.database) if parsed.get_backend_name() == "sqlite" else None
 
 
 def open_storage(
@@ -264,18 +194,23 @@ class TrialSlots:
             self._conn.execute(release)
             self._conn.commit()
 
-    def claim(self, study: "optuna.Study", n_trials: int | None) -> "optuna.trial.Trial | None":
-        """The next trial to run, or ``None`` once the study has ``n_trials``.
+    def claim(
+        self, study: "optuna.Study", n_trials: int | None, owner: dict[str, Any]
+    ) -> "optuna.trial.Trial | None":
+        """The next trial to run, created RUNNING with the ``owner`` user attributes in one
+        transaction (``optguard.ownership``), or ``None`` once the study has ``n_trials``.
 
         An enqueued trial (a retry) still runs after the total is reached: it was owed to a
         configuration that an interruption took away.
         """
+        from optguard.ownership import ask_owned
+
         if n_trials is None:
-            return study.ask()
+            return ask_owned(study, owner)
         with self.lock():
             if self.count() >= n_trials and not self.count(waiting=True):
                 return None
-            return study.ask()
+            return ask_owned(study, owner)
 
     def close(self) -> None:
         if self._conn is not None:

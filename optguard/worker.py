@@ -244,6 +244,13 @@ class _TrialRunner:
         # Where optguard.checkpoints() roots its directories, here and in the trials' children.
         os.environ[CHECKPOINT_DIR_ENV] = str(opts.checkpoint_dir.absolute())
 
+    def owner_attrs(self) -> dict[str, Any]:
+        """Written with the trial's creation, in the same transaction (``ask_owned``)."""
+        attrs: dict[str, Any] = {ATTR_PREFIX + "worker": self.identity.tag}
+        if self.opts.tag is not None:
+            attrs[ATTR_PREFIX + "tag"] = self.opts.tag
+        return attrs
+
     def _record_violation(self, trial: optuna.trial.Trial, violation: Violation) -> None:
         self.log.warning(violation.log_line() + f" [{violation.enforcement}]")
         self.set_attrs(
@@ -264,10 +271,6 @@ class _TrialRunner:
     def run(self, trial: optuna.trial.Trial) -> TrialState:
         number = trial.number
         set_trial(number)
-        attrs: dict[str, Any] = {"worker": self.identity.tag}
-        if self.opts.tag is not None:
-            attrs["tag"] = self.opts.tag
-        self.set_attrs(trial, attrs)
         guard = TrialGuard(trial, self.opts.limits)
         reset_peak()
         self.supervised.report(
@@ -477,7 +480,7 @@ def run_worker(opts: RunOptions, index: int = 0) -> int:
                 if requested is not None:
                     supervised.stop_reason = f"optguard {requested}"
                     break
-            trial = slots.claim(study, opts.n_trials)
+            trial = slots.claim(study, opts.n_trials, runner.owner_attrs())
             if trial is None:
                 log.info("Study %s has its %s trials", opts.study, opts.n_trials)
                 break
