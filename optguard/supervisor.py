@@ -49,6 +49,7 @@ from optguard.control import read_request, set_request
 from optguard.early_stopping import study_plateaued
 from optguard.guard import REASON_MEMORY, REASON_SYSTEM_MEMORY, REASON_TIMEOUT, Violation
 from optguard.logs import worker_log_path, worker_logger
+from optguard.preflight import check_run_inputs
 from optguard.progress import Progress, read_progress
 from optguard.recovery import Recovery, reap_stale, recover
 from optguard.report import LIMITS_ATTR
@@ -711,6 +712,7 @@ class _Supervisor:
     # -- loop --------------------------------------------------------------------------------
     def run(self) -> RunResult:
         start = time.monotonic()
+        check_run_inputs(self.opts)  # before the storage is touched: bad input changes nothing
         self.url, self.storage, self.study, self.study_id, recovery = prepare_study(self.opts)
         if self.on_recovery is not None:
             self.on_recovery(recovery)
