@@ -29,7 +29,7 @@ if TYPE_CHECKING:
     from optguard.monitor import MonitorOptions, Thresholds, run_monitor, sample
     from optguard.monitor_analysis import analyze_log
     from optguard.progress import Progress, read_progress
-    from optguard.supervisor import RunResult, run_study
+    from optguard.supervision import RunResult, run_study
     from optguard.worker import run_worker
 
 __version__ = "0.1.0"
@@ -83,8 +83,8 @@ _LAZY = {
     "Violation": "optguard.guard",
     "RunOptions": "optguard.config",
     "resolve_options": "optguard.config",
-    "run_study": "optguard.supervisor",
-    "RunResult": "optguard.supervisor",
+    "run_study": "optguard.supervision",
+    "RunResult": "optguard.supervision",
     "run_worker": "optguard.worker",
     "release_memory": "optguard.cleanup",
     "CleanupReport": "optguard.cleanup",

@@ -15,13 +15,16 @@ import json
 import os
 from typing import Any
 
-__all__ = ["LineReader", "send", "open_pipe_pair"]
+__all__ = ["LineReader", "open_pipe_pair", "send", "take_storage_url"]
 
 STATUS_FD_ENV = "OPTGUARD_STATUS_FD"
 CONTROL_FD_ENV = "OPTGUARD_CONTROL_FD"
 WORKER_ENV = "OPTGUARD_WORKER"  # inherited by every descendant: tells whose orphan it is
 SUPERVISOR_ENV = "OPTGUARD_SUPERVISOR_PID"
 TRIAL_ENV = "OPTGUARD_TRIAL"  # set during a trial: processes it execs tell which trial it was
+RUN_ENV = "OPTGUARD_RUN"  # inherited by everything a run starts: the keeper's sweep finds it
+STORAGE_ENV = "OPTGUARD_STORAGE"  # a URL given by the user; never passed on to children
+STORAGE_FD_ENV = "OPTGUARD_STORAGE_FD"  # a pipe holding the URL, from the supervisor
 
 
 class LineReader:
@@ -72,3 +75,20 @@ def open_pipe_pair() -> tuple[int, int, int, int]:
     control_r, control_w = os.pipe()
     os.set_blocking(control_w, False)
     return status_r, status_w, control_r, control_w
+
+
+def take_storage_url() -> str | None:
+    """The storage URL for this process, removed from its environment so that nothing a trial
+    starts inherits a password: the supervisor's pipe, else ``OPTGUARD_STORAGE``."""
+    url = os.environ.pop(STORAGE_ENV, None)
+    fd_text = os.environ.pop(STORAGE_FD_ENV, None)
+    if fd_text is None or not fd_text.isdigit():
+        return url
+    fd = int(fd_text)
+    chunks = []
+    try:
+        while chunk := os.read(fd, 65536):
+            chunks.append(chunk)
+    finally:
+        os.close(fd)
+    return b"".join(chunks).decode() or url

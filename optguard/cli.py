@@ -19,7 +19,7 @@ if TYPE_CHECKING:
     from optguard.config import RunOptions
     from optguard.progress import Progress
     from optguard.recovery import Recovery
-    from optguard.supervisor import RunResult
+    from optguard.supervision import RunResult
 
 app = typer.Typer(
     name="optguard",
@@ -214,7 +214,7 @@ def run(
         start_timeout=start_timeout, fail_fast=fail_fast, storage_outage=storage_outage,
     )  # fmt: skip
     from optguard.storage import mask_url, resolve_url
-    from optguard.supervisor import run_study
+    from optguard.supervision import run_study
 
     print(
         f"optguard: study {opts.study!r} on {mask_url(resolve_url(opts.storage))}, "
@@ -258,6 +258,8 @@ def _summary(result: "RunResult") -> None:
         f"kill(s), {result.worker_deaths} worker death(s)",
         flush=True,
     )
+    if result.ended_by is not None:
+        print(f"optguard: study ended on purpose: {result.ended_by}", flush=True)
     if result.interrupted:
         raise typer.Exit(EXIT_INTERRUPTED)
 

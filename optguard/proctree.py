@@ -26,7 +26,13 @@ __all__ = [
     "pss_of",
     "terminate",
     "kill_group",
+    "kill_pid",
     "environ_of",
+    "freeze_peak",
+    "has_exited",
+    "hit_cpu_limit",
+    "oom_kills",
+    "with_marker",
 ]
 
 _PR_SET_PDEATHSIG = 1
@@ -150,6 +156,13 @@ def kill_group(pgid: int, sig: int) -> None:
         pass  # the group is gone (or only zombies are left): nothing to signal
 
 
+def kill_pid(pid: int, sig: int) -> None:
+    try:
+        os.kill(pid, sig)
+    except (ProcessLookupError, PermissionError):
+        pass  # gone already (or a zombie's pid reused by another user's process)
+
+
 def terminate(procs: list[psutil.Process], grace: float) -> tuple[int, int]:
     """SIGTERM, wait ``grace`` seconds, SIGKILL the survivors, reap. Returns (termed, killed)."""
     if not procs:
@@ -177,3 +190,88 @@ def wait_gone(pid: int, timeout: float) -> bool:
             return True
         time.sleep(0.02)
     return not psutil.pid_exists(pid)
+
+
+def _status_kb(pid: int, *keys: bytes) -> int:
+    """The first of ``keys`` found in ``/proc/<pid>/status``, in bytes (0 if none)."""
+    try:
+        with open(f"/proc/{pid}/status", "rb") as fh:
+            fields = dict(line.split(b":", 1) for line in fh if b":" in line)
+    except OSError:
+        return 0  # gone: it holds no memory
+    for key in keys:
+        if key in fields:
+            return int(fields[key].split()[0]) * 1024
+    return 0
+
+
+def freeze_peak(pgid: int | None, pids: Iterable[int]) -> int:
+    """Stop a process tree (SIGSTOP: no handler, no GIL, takes effect at once) and return the
+    sum of its processes' peak resident memory (``VmHWM``), read while nothing can grow.
+
+    Called just before a SIGKILL, so the peak recorded for a killed trial is never below what
+    the kernel saw: sampling at 10 Hz misses the last burst of a fast allocation.
+    """
+    pids = list(dict.fromkeys(pids))
+    if pgid is not None:
+        kill_group(pgid, signal.SIGSTOP)
+    for pid in pids:
+        kill_pid(pid, signal.SIGSTOP)
+    return sum(_status_kb(pid, b"VmHWM", b"VmRSS") for pid in pids)
+
+
+def has_exited(pid: int) -> bool:
+    """Whether a child has exited, without reaping it: its ``/proc`` entry stays readable
+    (``hit_cpu_limit``) until ``Popen.poll`` reaps it."""
+    try:
+        return os.waitid(os.P_PID, pid, os.WEXITED | os.WNOHANG | os.WNOWAIT) is not None
+    except ChildProcessError:
+        return True  # already reaped
+
+
+def hit_cpu_limit(pid: int) -> bool:
+    """Whether an exited (not yet reaped) process used up its ``RLIMIT_CPU`` hard limit,
+    after which the kernel sends SIGKILL."""
+    try:
+        with open(f"/proc/{pid}/limits", "rb") as fh:
+            line = next((x for x in fh if x.startswith(b"Max cpu time")), b"")
+        with open(f"/proc/{pid}/stat", "rb") as fh:
+            fields = fh.read().rsplit(b")", 1)[1].split()
+    except OSError:
+        return False  # reaped already: cannot tell
+    parts = line.split()
+    hard = parts[4] if len(parts) > 4 else b"unlimited"
+    if not hard.isdigit():
+        return False
+    used = (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    return used >= int(hard) - 0.5
+
+
+def oom_kills() -> int:
+    """The kernel's count of OOM kills since boot (``/proc/vmstat``); -1 where unknown."""
+    try:
+        with open("/proc/vmstat", "rb") as fh:
+            for line in fh:
+                if line.startswith(b"oom_kill "):
+                    return int(line.split()[1])
+    except (OSError, ValueError):
+        pass  # no /proc/vmstat: OOM kills cannot be told apart
+    return -1
+
+
+def with_marker(marker: str, value: str) -> list[int]:
+    """Processes whose inherited environment has ``marker=value``: the trees one optguard run
+    started, found even after they left its process groups and lost their parents."""
+    needle = f"{marker}={value}".encode()
+    found = []
+    me = os.getpid()
+    for name in os.listdir("/proc"):
+        if not name.isdigit() or int(name) == me:
+            continue
+        try:
+            with open(f"/proc/{name}/environ", "rb") as fh:
+                if needle in fh.read().split(b"\0"):
+                    found.append(int(name))
+        except OSError:
+            continue  # exited, or a kernel thread
+    return found

@@ -10,13 +10,13 @@ import socket
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Iterable
 
-import psutil
+from optguard.liveness import Beat, Verdict, parse_owner, probe, trial_verdict
 
 if TYPE_CHECKING:
     import optuna
     from optuna.trial import FrozenTrial
 
-__all__ = ["Recovery", "recover"]
+__all__ = ["Recovery", "reap_stale", "recover"]
 
 ATTR = "optguard."
 REASON_INTERRUPTED = "interrupted"
@@ -31,73 +31,105 @@ class Recovery:
     cleared: str | None = None  # a stop/cancel request left by an earlier run, now cleared
 
 
-def _worker_is_gone(tag: str, started_at: float, host: str) -> bool:
-    """True when ``host:pid`` names a process on this host that no longer runs the trial.
-
-    A pid reused by a process started after the trial is the same as a dead one.
-    """
-    tag_host, _, pid_text = tag.rpartition(":")
-    if tag_host != host or not pid_text.isdigit():
-        return False  # another host's worker: only its heartbeat can tell (not here)
-    try:
-        return psutil.Process(int(pid_text)).create_time() > started_at
-    except psutil.NoSuchProcess:
-        return True
-    except psutil.Error:
-        return False  # cannot tell (permissions): leave the trial alone
-
-
-def _mark_interrupted(storage: "optuna.storages.BaseStorage", trial_id: int, why: str) -> bool:
+def _mark_interrupted(storage: optuna.storages.BaseStorage, trial_id: int, why: str) -> bool:
     """FAIL a RUNNING trial with reason ``interrupted``; False if it finished meanwhile."""
     from optuna.exceptions import UpdateFinishedTrialError
     from optuna.trial import TrialState
 
+    from optguard.storage import set_trial_user_attrs
+
     try:
-        storage.set_trial_user_attr(trial_id, ATTR + "reason", REASON_INTERRUPTED)
-        storage.set_trial_user_attr(trial_id, ATTR + "error", why)
+        set_trial_user_attrs(
+            storage, trial_id, {ATTR + "reason": REASON_INTERRUPTED, ATTR + "error": why}
+        )
         return bool(storage.set_trial_state_values(trial_id, TrialState.FAIL))
     except UpdateFinishedTrialError:
         return False  # finished after all (or another host reaped it first)
 
 
-def _reap(storage: "optuna.storages.BaseStorage", trials: Iterable["FrozenTrial"]) -> list[int]:
+def _never_beaten(storage: optuna.storages.RDBStorage, study_id: int) -> set[int]:
+    """RUNNING trials of the study without a heartbeat row: Optuna's stale query skips them."""
+    from optuna.storages._rdb import models
+    from optuna.trial import TrialState
+    from sqlalchemy import select
+
+    trial, beat = models.TrialModel, models.TrialHeartbeatModel
+    stmt = (
+        select(trial.trial_id)
+        .outerjoin(beat, beat.trial_id == trial.trial_id)
+        .where(
+            trial.study_id == study_id,
+            trial.state == TrialState.RUNNING,
+            beat.trial_heartbeat_id.is_(None),
+        )
+    )
+    with storage.engine.connect() as conn:
+        return {int(row[0]) for row in conn.execute(stmt)}
+
+
+def _reap(
+    storage: optuna.storages.BaseStorage,
+    trials: Iterable[FrozenTrial],
+    beats: dict[int, Beat],
+    skip_pids: frozenset[int] = frozenset(),
+) -> list[int]:
+    """FAIL ``interrupted`` every RUNNING trial whose owner ``liveness`` finds dead; give a
+    first heartbeat to other hosts' trials that never beat, so they can go stale."""
     from optuna.trial import TrialState
 
     host = socket.gethostname()
     reaped = []
     for trial in trials:
-        tag = trial.user_attrs.get(ATTR + "worker")
-        if trial.state != TrialState.RUNNING or not isinstance(tag, str):
+        if trial.state != TrialState.RUNNING:
             continue
-        started = trial.datetime_start.timestamp() if trial.datetime_start else 0.0
-        if _worker_is_gone(tag, started, host) and _mark_interrupted(
-            storage, trial._trial_id, f"worker {tag} is gone: the run died"
-        ):
-            reaped.append(trial.number)
+        tag = trial.user_attrs.get(ATTR + "worker")
+        owner = parse_owner(tag)
+        proc = None
+        if owner is not None and owner.host == host:
+            if owner.pid in skip_pids:
+                continue  # this run's own worker: its exit is handled where it is reaped
+            started = trial.datetime_start.timestamp() if trial.datetime_start else 0.0
+            proc = probe(owner.pid, started)
+        verdict = trial_verdict(owner, host, proc, beats.get(trial._trial_id, Beat.FRESH))
+        if verdict is Verdict.UNBEATEN:
+            storage.record_heartbeat(trial._trial_id)  # the database's clock starts its grace
+        elif verdict is Verdict.DEAD:
+            why = (
+                f"worker {tag} is gone: the run died"
+                if proc is not None
+                else f"no heartbeat from worker {tag or '?'}: its host died"
+            )
+            if _mark_interrupted(storage, trial._trial_id, why):
+                reaped.append(trial.number)
     return reaped
 
 
 def reap_stale(
-    study: "optuna.Study", storage: "optuna.storages.RDBStorage", study_id: int
+    study: optuna.Study,
+    storage: optuna.storages.RDBStorage,
+    study_id: int,
+    skip_pids: frozenset[int] = frozenset(),
 ) -> Recovery:
-    """Trials whose heartbeat stopped (their host died) -> FAIL ``interrupted``, retried once.
+    """Trials whose owner died -> FAIL ``interrupted``, retried once.
 
-    Uses the storage's stale-trial query, the one Optuna's ``fail_stale_trials`` uses, so the
-    reason can be recorded before the trial becomes read-only.
+    On this host the owner's process decides (``skip_pids``: this run's live workers, whose
+    exits the supervisor records itself); elsewhere the heartbeat, from the storage's own
+    stale query (the one Optuna's ``fail_stale_trials`` uses, so the reason is recorded
+    before the trial becomes read-only) and a first beat for trials that never beat.
     """
-    reaped = []
-    for trial_id in storage._get_stale_trial_ids(study_id):
-        trial = storage.get_trial(trial_id)
-        tag = trial.user_attrs.get(ATTR + "worker", "?")
-        if _mark_interrupted(storage, trial_id, f"no heartbeat from worker {tag}: its host died"):
-            reaped.append(trial.number)
-    trials = storage.get_all_trials(study_id, deepcopy=False)
+    from optuna.trial import TrialState
+
+    beats = dict.fromkeys(_never_beaten(storage, study_id), Beat.NEVER)
+    beats.update(dict.fromkeys(storage._get_stale_trial_ids(study_id), Beat.STALE))
+    running = storage.get_all_trials(study_id, deepcopy=False, states=(TrialState.RUNNING,))
+    reaped = _reap(storage, running, beats, skip_pids)
+    trials = storage.get_all_trials(study_id, deepcopy=False) if reaped else []
     retried = _retry(study, trials, {REASON_INTERRUPTED}) if reaped else []
     return Recovery(reaped=reaped, retried=retried)
 
 
 def _retry(
-    study: "optuna.Study", trials: list["FrozenTrial"], reasons: set[str]
+    study: optuna.Study, trials: list["FrozenTrial"], reasons: set[str]
 ) -> list[int]:
     """Enqueue, once, the parameters of finished trials that optguard ended for ``reasons``."""
     from optuna.trial import TrialState
@@ -117,8 +149,8 @@ def _retry(
 
 
 def recover(
-    study: "optuna.Study",
-    storage: "optuna.storages.BaseStorage",
+    study: optuna.Study,
+    storage: optuna.storages.BaseStorage,
     study_id: int,
     retry_reasons: Iterable[str] = (),
 ) -> Recovery:
@@ -128,7 +160,8 @@ def recover(
 
     cleared = clear_request(storage, study_id)
     # Read from the storage itself, not the study's cache: _reap has just changed states.
-    reaped = _reap(storage, storage.get_all_trials(study_id, deepcopy=False))
+    # Only this host's dead owners here: other hosts' trials are the heartbeat's to judge.
+    reaped = _reap(storage, storage.get_all_trials(study_id, deepcopy=False), {})
     trials = storage.get_all_trials(study_id, deepcopy=False)
     retried = _retry(study, trials, {REASON_INTERRUPTED, *retry_reasons})
     return Recovery(reaped=reaped, retried=retried, cleared=cleared)

@@ -33,7 +33,7 @@ from optguard.checkpointing import (
 )
 from optguard.cleanup import release_memory
 from optguard.config import RunOptions
-from optguard.control import read_request
+from optguard.control import read_request, set_request
 from optguard.errors import OptguardError
 from optguard.guard import GuardPruned, TrialGuard, Violation
 from optguard.limits import format_gb
@@ -90,6 +90,8 @@ def _as_value(result: Any) -> tuple[float | None, str | None]:
         value = float(result)
     except (TypeError, ValueError):
         return None, f"objective returned a non-number: {type(result).__name__}"
+    except OverflowError:  # an int past 1.8e308: a failed trial, not a dead worker
+        return None, f"objective returned a {type(result).__name__} too large for a float"
     if math.isnan(value):
         return None, "objective returned NaN"
     return value, None
@@ -114,6 +116,7 @@ class _Supervised:
         self.status_fd = int(status) if status else None
         self.control = channel.LineReader(int(control)) if control else None
         self.stop_reason: str | None = None
+        self.ready = False
         self.guard: TrialGuard | None = None
         self.in_objective = False
         self.tree_peak = 0
@@ -166,8 +169,8 @@ class _Supervised:
         return self.control.read() if self.control is not None else []
 
     def _on_term(self, signum: int, _frame: FrameType | None) -> None:
-        if self.stop_reason is not None and signum == signal.SIGINT:
-            raise KeyboardInterrupt
+        if (self.stop_reason is not None and signum == signal.SIGINT) or not self.ready:
+            raise KeyboardInterrupt  # not ready: the objective's import hangs; leave it now
         self.stop_reason = REASON_INTERRUPTED
         self._apply(self._drain(), raise_now=False)
         guard = self.guard
@@ -286,10 +289,13 @@ class _TrialRunner:
         state = TrialState.FAIL
         try:
             self.supervised.in_objective = True
+            # As inside study.optimize: trial.study.stop() is allowed, and ends the study.
+            self.study._thread_local.in_optimize_loop = True
             try:
                 result = self.objective(trial)
             finally:
                 self.supervised.in_objective = False
+                self.study._thread_local.in_optimize_loop = False
         except GuardPruned as exc:
             state, violation = TrialState.PRUNED, exc.violation
         except optuna.TrialPruned as exc:
@@ -333,9 +339,26 @@ class _TrialRunner:
             "-" if value is None else f"{value:.6g}",
             duration,
         )
-        self.supervised.report("end", trial=number, state=state.name)
+        self.supervised.report(
+            "end", trial=number, state=state.name, error=error,
+            enforcement=violation.enforcement if violation is not None else None,
+        )  # fmt: skip
+        if self.study._stop_flag:
+            self._study_stop(number)
         set_trial(None)
         return state
+
+    def _study_stop(self, number: int) -> None:
+        """``trial.study.stop()`` ran in the objective: as under ``study.optimize`` no new
+        trial starts, here on every host (the study's stop request, set by the supervisor, or
+        by this worker when it runs without one)."""
+        self.study._stop_flag = False
+        self.supervised.stop_reason = f"study.stop() in trial #{number}"
+        self.log.info("Trial #%d called study.stop(): no new trials", number)
+        if self.supervised.status_fd is not None:
+            self.supervised.report("study_stop", trial=number)
+        else:
+            set_request(self.storage, self.study._study_id, "stop")
 
     def _emergency_checkpoints(self, number: int) -> None:
         """The objective's ``on_interrupt`` callbacks, within ``--checkpoint-budget``.
@@ -399,10 +422,15 @@ class _TrialRunner:
             report.seconds * 1000,
             report.collected,
         )
-        if state == TrialState.COMPLETE:
-            self.study.tell(trial, value)
-        else:
-            self.study.tell(trial, state=state)
+        try:
+            if state == TrialState.COMPLETE:
+                self.study.tell(trial, value)
+            else:
+                self.study.tell(trial, state=state)
+        except ValueError as exc:  # a value Optuna refuses: the trial fails, the worker goes on
+            self.log.error("Trial #%d failed: %s", trial.number, error_line(exc))
+            self.set_attrs(trial, {"error": error_line(exc)})
+            self.study.tell(trial, state=TrialState.FAIL)
 
 
 def _open_study(opts: RunOptions, url: str) -> tuple[optuna.Study, TrialSlots]:
@@ -419,6 +447,18 @@ def _open_study(opts: RunOptions, url: str) -> tuple[optuna.Study, TrialSlots]:
 
 
 def _recycle_reason(opts: RunOptions, ran: int, final_rss: int) -> str | None:
+    """Why this worker should be replaced before its next trial, if it should.
+
+    Memory that cleanup could not return and that is already at the trial limit would prune
+    every later trial of this worker at once, whatever its parameters (hiding the guilty one
+    from the report), so such a worker is always replaced.
+    """
+    limit = opts.limits.max_rss_bytes
+    if limit is not None and final_rss >= limit:
+        return (
+            f"memory after cleanup {format_gb(final_rss, 2)} >= --max-rss "
+            f"{format_gb(limit, 2)} (a leak cleanup cannot return)"
+        )
     if opts.max_trials_per_worker is not None and ran >= opts.max_trials_per_worker:
         return f"{ran} trials (--max-trials-per-worker {opts.max_trials_per_worker})"
     if opts.recycle_rss is not None and final_rss > opts.recycle_rss:
@@ -447,7 +487,8 @@ def run_worker(opts: RunOptions, index: int = 0) -> int:
     optuna.logging.disable_default_handler()
     supervised = _Supervised()
     supervised.install()
-    url = resolve_url(opts.storage)
+    piped = channel.take_storage_url()  # and OPTGUARD_STORAGE: no trial's child inherits it
+    url = resolve_url(opts.storage or piped)
     limits = opts.limits
     log.info(
         "Worker started: study=%s storage=%s host=%s timeout=%ss max_rss=%s",
@@ -467,6 +508,7 @@ def run_worker(opts: RunOptions, index: int = 0) -> int:
     # worker: freezing it keeps the post-trial gc passes from rescanning it after every trial.
     gc.freeze()
     runner = _TrialRunner(study, slots.storage, objective, opts, identity, log, supervised)
+    supervised.ready = True
     supervised.report("ready")
     ran = 0
     code = 0
@@ -493,6 +535,7 @@ def run_worker(opts: RunOptions, index: int = 0) -> int:
                 break
     finally:
         slots.close()
+    supervised.report("exiting")
     log.info(
         "Worker exiting: %d trials in %.1fs%s",
         ran,

@@ -99,7 +99,8 @@ def test_cleanup_after_complete_pruned_and_failed(tmp_path: Path, study_name: st
 def test_bad_objective_results_fail_the_trial_not_the_worker(
     tmp_path: Path, study_name: str, fn: str, error: str
 ) -> None:
-    result = _run(tmp_path, study_name, f"outcomes.py:{fn}", "--n-trials", "3")
+    # --fail-fast 0: every trial runs; by default the third identical failure ends the run
+    result = _run(tmp_path, study_name, f"outcomes.py:{fn}", "--n-trials", "3", "--fail-fast", "0")
     assert result.returncode == 0, result.stderr
     trials = load_trials(sqlite_url(tmp_path), study_name)
     assert [t.state for t in trials] == [TrialState.FAIL] * 3

@@ -1,0 +1,770 @@
+"""``optguard run``: prepare the storage, start N workers, enforce limits from outside.
+
+Modelled on gunicorn's arbiter: signal handlers only count signals; the loop samples (status
+pipes, process trees, memory, the storage) and acts on what the pure decisions in
+``escalation``, ``exits`` and ``outcome`` say. The supervisor is a child subreaper: a daemon a
+trial double-forks away is re-parented here, found, and ended; and its keeper ends whatever
+the run started if the supervisor itself is killed.
+
+Emergency checkpoints: a worker about to run its trial's ``on_interrupt`` callbacks reports
+``checkpointing`` with its budget; until that budget (plus ``CHECKPOINT_MARGIN_S``) is spent,
+no step that would end the worker is taken, except a kill for memory above the ceiling.
+
+The run ends when the study has its trials: workers exit once it has, and the supervisor
+stays while retries wait (it starts workers for them) or other hosts' trials run (it reaps
+them if their hosts die). Exit codes: ``optguard.errors``; decided in ``outcome``.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import socket
+import time
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass, replace
+from pathlib import Path
+from types import FrameType
+from typing import Any
+
+import psutil
+
+from optguard import channel, proctree
+from optguard.config import RunOptions
+from optguard.control import read_request, set_request
+from optguard.early_stopping import study_plateaued
+from optguard.errors import (
+    OptguardError,
+    StorageError,
+    UsageError,
+    WorkerCrashError,
+    WorkerStartError,
+)
+from optguard.guard import REASON_SYSTEM_MEMORY, Violation
+from optguard.preflight import check_run_inputs
+from optguard.progress import Progress, read_progress
+from optguard.recovery import Recovery, reap_stale, recover
+from optguard.report import LIMITS_ATTR
+from optguard.storage import TrialSlots, mask_url, open_storage, resolve_url
+from optguard.supervision.escalation import (
+    REASON_CANCELLED,
+    Step,
+    Watched,
+    decide,
+    decide_cancel,
+)
+from optguard.supervision.exits import Exit, classify_exit, describe_exit
+from optguard.supervision.keeper import start_keeper
+from optguard.supervision.orphans import ORPHAN_GRACE_S, Orphans
+from optguard.supervision.outcome import Ended, fail_fast_error, incomplete_error
+from optguard.supervision.workers import Worker, spawn_worker
+from optguard.worker import ATTR_PREFIX, START_FAILURE
+
+__all__ = ["RunResult", "run_study"]
+
+POLL_S = 0.1  # memory sampling rate of each worker's tree: 10 Hz
+PIDS_EVERY_S = 1.0  # how often each worker's descendants are listed again
+REQUESTS_EVERY_S = 1.0  # stop/cancel requests in the storage
+PROGRESS_EVERY_S = 2.0  # the progress display: a few aggregate queries
+CHECKPOINT_MARGIN_S = 1.0  # past a worker's checkpoint budget: time to tell the trial
+LINGER_S = 10.0  # a worker still running this long after its last trial is ended
+EARLY_STOP_ATTR = "optguard.early_stopped"  # on the study: why --patience ended it
+PSS_FROM = 0.9  # confirm with PSS once summed RSS passes this fraction of the limit
+MAX_CRASHES = 5  # per CRASH_WINDOW_S, across all workers
+CRASH_WINDOW_S = 60.0
+
+_log = logging.getLogger("optguard.supervisor")
+
+
+@dataclass(frozen=True)
+class RunResult:
+    progress: Progress
+    n_trials: int | None
+    seconds: float
+    interrupted: bool
+    workers_started: int
+    worker_deaths: int
+    interrupts: int  # trials ended by the interrupt step, as recorded on them
+    hard_kills: int  # trials ended by the kill step, as recorded on them
+    ended_by: str | None = None  # on purpose (--patience, study.stop()): the study is done
+
+
+@dataclass
+class _Signals:
+    count: int = 0
+    last: int = 0
+
+    def handler(self, signum: int, _frame: FrameType | None) -> None:
+        self.count += 1  # only flags: the loop acts on them
+        self.last = signum
+
+
+def prepare_study(opts: RunOptions) -> tuple[str, Any, Any, int, Recovery]:
+    """Create the schema and the study once, then recover it, before any worker starts."""
+    import optuna
+    import sqlalchemy.exc
+
+    url = resolve_url(opts.storage)
+    storage = open_storage(url, create_schema=True, heartbeat_s=opts.heartbeat_s)
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    try:
+        study = optuna.create_study(
+            study_name=opts.study, storage=storage, direction=opts.direction, load_if_exists=True
+        )
+    except sqlalchemy.exc.SQLAlchemyError as exc:
+        raise StorageError(
+            f"storage {mask_url(url)} refused the study: {type(exc).__name__}"
+        ) from None
+    if study.direction.name.lower() != opts.direction:
+        raise UsageError(
+            f"study {opts.study!r} exists with direction {study.direction.name.lower()}, "
+            f"not {opts.direction}"
+        )
+    slots = TrialSlots(storage, opts.study)
+    try:
+        with slots.lock():
+            recovery = recover(study, storage, slots.study_id, opts.retry_pruned)
+    finally:
+        slots.close()
+    return url, storage, study, slots.study_id, recovery
+
+
+def _about(trial: Watched | None, event: dict[str, Any]) -> bool:
+    """Whether a status event is about the trial the supervisor thinks the worker runs."""
+    return trial is not None and trial.number == event.get("trial")
+
+
+def _start_failure(log_path: Path, code: int) -> OptguardError:
+    """The error a worker logged before exiting at start (bad objective, storage down)."""
+    message = f"worker exited with code {code} at start; see {log_path}"
+    try:
+        lines = log_path.read_text(encoding="utf-8", errors="replace").splitlines()
+    except OSError:
+        lines = []
+    for line in reversed(lines):
+        if START_FAILURE in line:
+            message = line.split(START_FAILURE, 1)[1].strip()
+            break
+    return UsageError(message) if code == 2 else StorageError(message)
+
+
+class _Supervisor:
+    def __init__(
+        self,
+        opts: RunOptions,
+        on_progress: Callable[[Progress], None] | None,
+        on_recovery: Callable[[Recovery], None] | None = None,
+        on_notice: Callable[[str], None] | None = None,
+    ) -> None:
+        self.opts = opts
+        self.on_recovery = on_recovery
+        self.on_notice = on_notice
+        self.esc = opts.escalation
+        self.on_progress = on_progress
+        self.host = socket.gethostname()
+        self.run_id = f"{self.host}:{os.getpid()}:{time.time_ns()}"
+        self.workers: dict[int, Worker] = {}
+        self.by_uid: dict[str, Worker] = {}  # every worker this run started, exited ones too
+        self.signals = _Signals()
+        self.crashes: deque[float] = deque()
+        self.spawned = 0
+        self.deaths = 0
+        self.interrupts = 0
+        self.hard_kills = 0
+        self.stopping = False  # fatal error: end every worker now
+        self.draining = False  # stop or cancel: no new trial, no replacement worker
+        self.cancelling = False
+        self.stopped_by: str | None = None  # a stop/cancel: exit 130
+        self.ended_by: str | None = None  # --patience or study.stop(): exit 0
+        self.signals_seen = 0
+        self.requests_at = 0.0
+        self.heartbeat_at = 0.0
+        self.progress_at = 0.0
+        self.fatal: OptguardError | None = None
+        self.orphans = Orphans(self._orphan_ended)
+        self.pids_at = 0.0  # when the process trees were last listed
+        self.oom_seen = proctree.oom_kills()
+        self.first_ended: list[Ended] = []
+        self.limits_written = False
+        self.progress = Progress()
+        self.keeper_pid = -1
+
+    # -- workers ---------------------------------------------------------------------------
+    def spawn(self, index: int) -> None:
+        self.spawned += 1
+        uid = f"{index}.{self.spawned}"
+        worker = spawn_worker(self.opts, index, uid, self.url, self.run_id, time.monotonic())
+        self.workers[index] = self.by_uid[uid] = worker
+        _log.info("started worker %d (pid %d)", index, worker.proc.pid)
+
+    def _log(self, worker: Worker, level: int, number: int | None, msg: str) -> None:
+        worker.log.log(level, msg, extra={"trial": "-" if number is None else number})
+
+    def read_status(self, worker: Worker, now: float) -> None:
+        for event in worker.status.read():
+            kind = event.get("event")
+            if kind == "ready":
+                worker.ready = True
+            elif kind == "start":
+                worker.trial = Watched(event["trial"], event["trial_id"], event["started"])
+                worker.checkpoint_until = 0.0  # the last trial's hold is not this one's
+                self.write_limits()
+            elif kind == "interrupted" and _about(worker.trial, event):
+                worker.trial.acked = True  # type: ignore[union-attr]
+            elif kind == "checkpointing":
+                budget = float(event.get("budget_s", 0.0))
+                worker.checkpoint_until = now + budget + CHECKPOINT_MARGIN_S
+            elif kind == "end" and _about(worker.trial, event):
+                worker.trial = None
+                ended = Ended(
+                    event["trial"], event["state"], event.get("error"), event.get("enforcement")
+                )
+                self.trial_ended(worker, ended)
+            elif kind == "exiting":
+                worker.exiting_at = now
+            elif kind == "study_stop":
+                self.end_on_purpose(f"trial #{event.get('trial')} called study.stop()")
+
+    def write_limits(self) -> None:
+        """``optguard report`` compares trials with these: written once trials really run
+        with them, never by a command that runs nothing or fails."""
+        if self.limits_written:
+            return
+        self.limits_written = True
+        limits = self.opts.limits
+        self.storage.set_study_user_attr(
+            self.study_id,
+            LIMITS_ATTR,
+            {"timeout_s": limits.timeout_s, "max_rss_bytes": limits.max_rss_bytes},
+        )
+
+    def trial_ended(self, worker: Worker, ended: Ended) -> None:
+        if ended.enforcement == "interrupt":
+            self.interrupts += 1
+        elif ended.enforcement == "hard_kill":
+            self.hard_kills += 1  # its SIGTERM step: the worker recorded the trial itself
+        if len(self.first_ended) < self.opts.fail_fast:
+            self.first_ended.append(ended)
+            error = fail_fast_error(self.first_ended, self.opts.fail_fast, f"see {worker.log_path}")
+            if error is not None and self.fatal is None:
+                self.fatal = error
+
+    # -- the watch: time and memory of each running trial ----------------------------------
+    def list_trees(self, now: float) -> None:
+        """Every worker's process tree, and the orphans re-parented here, from one listing of
+        ``/proc`` per ``PIDS_EVERY_S``: the supervisor's main cost when trials are short."""
+        if now - self.pids_at < PIDS_EVERY_S:
+            return
+        self.pids_at = now
+        self.oom_seen = proctree.oom_kills()
+        kids = proctree.children_map()
+        for worker in self.workers.values():
+            worker.pids = proctree.tree_pids(worker.proc.pid, kids) or [worker.proc.pid]
+        live = {w.proc.pid for w in self.workers.values()} | {self.keeper_pid}
+        self.orphans.sweep(now, kids.get(os.getpid(), []), self.by_uid, live)
+
+    def _orphan_ended(self, owner: Worker, pid: int, trial: str | None) -> None:
+        self._log(
+            owner, logging.WARNING, None,
+            f"Ended pid {pid} left running by trial #{trial} (re-parented to the supervisor)",
+        )  # fmt: skip
+
+    def measure(self, worker: Worker) -> int:
+        memory = proctree.rss_of(worker.pids or [worker.proc.pid])
+        limit = self.opts.limits.max_rss_bytes
+        if limit is not None and len(worker.pids) > 1 and memory > limit * PSS_FROM:
+            memory = proctree.pss_of(worker.pids)  # shared pages counted once, not per process
+        worker.memory = memory
+        return memory
+
+    def watch(self, worker: Worker, now: float) -> None:
+        trial = worker.trial
+        if trial is None or worker.kill is not None:
+            return
+        memory = self.measure(worker)
+        if memory > trial.peak:
+            trial.peak = memory
+            if memory > trial.peak_sent * 1.02:
+                trial.peak_sent = memory
+                channel.send(
+                    worker.control_fd, {"cmd": "peak", "trial": trial.number, "bytes": memory}
+                )
+        elapsed = now - trial.started
+        if self.cancelling:
+            step = decide_cancel(trial, memory, elapsed, now, self.esc, worker.checkpoint_until)
+        else:
+            step = decide(
+                trial, memory, elapsed, now, self.opts.limits, self.esc, worker.checkpoint_until
+            )
+        if step is not None:
+            self.act(worker, step[0], step[1], now)
+
+    def act(self, worker: Worker, step: Step, violation: Violation, now: float) -> None:
+        trial = worker.trial
+        if trial is None:
+            return
+        if step is Step.SOFT:
+            trial.violation, trial.violation_at = violation, now
+            note = "cancel: " if violation.reason == REASON_CANCELLED else ""
+            self.step(worker, "soft", violation, note + "pruning at its next check")
+        elif step is Step.INTERRUPT:
+            trial.violation, trial.interrupted_at = violation, now
+            self.step(worker, "interrupt", violation, "interrupting the worker")
+        elif step is Step.KILL_NOW:
+            self._log(
+                worker, logging.WARNING, trial.number,
+                f"Trial #{trial.number}: memory {violation.rss_bytes / 1e6:.0f}MB is above the "
+                f"ceiling {self.esc.memory_ceiling:g}x the limit "
+                f"{violation.limit / 1e6:.0f}MB: killing at once",
+            )  # fmt: skip
+            self.begin_kill(worker, violation, now, "SIGKILL at once", immediate=True)
+        elif step is Step.KILL_STUCK:
+            self.begin_kill(
+                worker, violation, now,
+                f"no answer to the interrupt within {self.esc.kill_after_s:g}s (stuck in C): "
+                "SIGKILL to the worker, SIGTERM to its children", stuck=True,
+            )  # fmt: skip
+        else:
+            self.begin_kill(
+                worker, violation, now, f"SIGTERM, SIGKILL after {self.esc.kill_after_s:g}s"
+            )
+
+    def step(self, worker: Worker, cmd: str, violation: Violation, note: str) -> None:
+        """Log one escalation step in the worker's log and send it the command."""
+        number = violation.trial_number
+        self._log(
+            worker, logging.WARNING, number,
+            f"Trial #{number}: {violation.phrase} ({violation.detail}); {note} [{cmd}]",
+        )  # fmt: skip
+        worker.command(cmd, violation, signal.SIGUSR1)
+
+    def watch_system_memory(self, now: float) -> None:
+        """Prune the biggest running trial when the machine's used RAM crosses the threshold."""
+        vm = psutil.virtual_memory()
+        if vm.percent <= self.esc.max_system_ram_pct:
+            return
+        busy = [w for w in self.workers.values() if w.trial is not None and w.kill is None]
+        if not busy or any(w.trial and w.trial.interrupted_at for w in busy):
+            return  # one at a time: wait for the trial already being pruned
+        worker = max(busy, key=lambda w: w.memory)
+        trial = worker.trial
+        if trial is None:
+            return
+        threshold = vm.total * self.esc.max_system_ram_pct / 100
+        violation = Violation(
+            trial.number, REASON_SYSTEM_MEMORY, now - trial.started, worker.memory, threshold
+        )
+        self._log(
+            worker, logging.WARNING, trial.number,
+            f"System RAM at {vm.percent:.1f}% > {self.esc.max_system_ram_pct:g}%: trial "
+            f"#{trial.number} uses the most ({worker.memory / 1e6:.0f}MB)",
+        )  # fmt: skip
+        self.act(worker, Step.INTERRUPT, violation, now)
+
+    # -- killing -----------------------------------------------------------------------------
+    def begin_kill(
+        self, worker: Worker, violation: Violation, now: float, how: str,
+        immediate: bool = False, stuck: bool = False,
+    ) -> None:  # fmt: skip
+        worker.kill, worker.kill_at, worker.kill_now = violation, now, immediate
+        self._log(
+            worker, logging.ERROR, violation.trial_number,
+            f"Trial #{violation.trial_number}: killing worker pid {worker.proc.pid} and its "
+            f"process tree ({how}) [hard_kill]",
+        )  # fmt: skip
+        trial = worker.trial
+        if immediate:
+            peak = worker.sigkill_tree(f"memory above {self.esc.memory_ceiling:g}x --max-rss")
+            worker.kill_escalated = True
+        elif stuck:
+            peak = proctree.freeze_peak(None, [worker.proc.pid])
+            worker.sent = f"SIGKILL: no answer to the interrupt in {self.esc.kill_after_s:g}s"
+            proctree.kill_pid(worker.proc.pid, signal.SIGKILL)
+            worker.signal_tree(signal.SIGTERM)  # its children can still clean up
+        else:
+            worker.command("kill", violation, signal.SIGTERM)
+            worker.signal_tree(signal.SIGTERM)
+            return
+        if trial is not None:
+            trial.peak = max(trial.peak, peak)
+
+    def end_worker(self, worker: Worker, why: str, now: float) -> None:
+        """End a worker that runs no trial optguard must record (stop, cancel, start timeout,
+        lingering, a fatal error): SIGTERM to its tree, SIGKILL ``--kill-after`` later."""
+        if worker.ending is not None or worker.kill is not None:
+            return
+        worker.ending, worker.ending_at = why, now
+        worker.signal_tree(signal.SIGTERM)
+
+    def escalate_kills(self, now: float) -> None:
+        for worker in self.workers.values():
+            if worker.kill is not None and not worker.kill_escalated:
+                hold = not worker.kill_now and now < worker.checkpoint_until
+                if now - worker.kill_at > self.esc.kill_after_s and not hold:
+                    worker.kill_escalated = True
+                    peak = worker.sigkill_tree(f"--kill-after {self.esc.kill_after_s:g}s")
+                    if worker.trial is not None:
+                        worker.trial.peak = max(worker.trial.peak, peak)
+            elif worker.ending is not None and now - worker.ending_at > self.esc.kill_after_s:
+                if now >= worker.checkpoint_until and worker.sent is None:
+                    worker.sigkill_tree(f"{worker.ending}, --kill-after")
+
+    def check_workers(self, now: float) -> None:
+        """Workers that never got ready, or that will not exit after their last trial."""
+        for worker in self.workers.values():
+            if not worker.ready and now - worker.spawned_at > self.opts.start_timeout_s:
+                if self.fatal is None:
+                    self.fatal = WorkerStartError(
+                        f"worker {worker.index} not ready after {self.opts.start_timeout_s:g}s "
+                        f"(--start-timeout): its objective's import hangs? see {worker.log_path}"
+                    )
+            elif worker.exiting_at is not None and now - worker.exiting_at > LINGER_S:
+                if worker.ending is None:
+                    self._log(
+                        worker, logging.WARNING, None,
+                        f"Worker still running {LINGER_S:g}s after its last trial (a non-daemon "
+                        "thread or a blocking atexit handler?): ending its process tree",
+                    )  # fmt: skip
+                    why = f"still running {LINGER_S:g}s after its last trial"
+                    self.end_worker(worker, why, now)
+
+    # -- exits -------------------------------------------------------------------------------
+    def mark_trial(
+        self, worker: Worker, trial_id: int | None, state: Any, attrs: dict[str, Any]
+    ) -> list[int]:
+        """Finish the trial a dead worker left RUNNING: the one it reported, else any trial
+        RUNNING under its name (it died before reporting the start)."""
+        from optuna.exceptions import UpdateFinishedTrialError
+        from optuna.trial import TrialState
+
+        from optguard.storage import set_trial_user_attrs
+
+        if trial_id is not None:
+            candidates = [self.storage.get_trial(trial_id)]
+        else:
+            candidates = self.storage.get_all_trials(
+                self.study_id, deepcopy=False, states=(TrialState.RUNNING,)
+            )
+        marked = []
+        for trial in candidates:
+            if trial.state != TrialState.RUNNING:
+                continue
+            if trial.user_attrs.get(ATTR_PREFIX + "worker") != worker.tag:
+                continue
+            try:
+                set_trial_user_attrs(
+                    self.storage, trial._trial_id, {ATTR_PREFIX + k: v for k, v in attrs.items()}
+                )
+                self.storage.set_trial_state_values(trial._trial_id, state)
+            except UpdateFinishedTrialError:
+                continue  # the worker told it just before it died
+            marked.append(trial.number)
+        return marked
+
+    def reap_worker(self, worker: Worker) -> int | None:
+        """The worker's exit code once it exited (reaped here), with what ``/proc`` still
+        tells of it (its CPU limit) read first."""
+        if not proctree.has_exited(worker.proc.pid):
+            return None
+        cpu_limit = proctree.hit_cpu_limit(worker.proc.pid)
+        oom = proctree.oom_kills()
+        code = worker.proc.wait()
+        self.on_exit(worker, code, cpu_limit, oom > self.oom_seen >= 0)
+        return code
+
+    def on_exit(self, worker: Worker, code: int, cpu_limit: bool, oom: bool) -> None:
+        from optuna.trial import TrialState
+
+        del self.workers[worker.index]
+        self.read_status(worker, time.monotonic())
+        worker.close()
+        trial, worker.trial = worker.trial, None  # whatever it ran is over: its orphans can go
+        self.pids_at = 0.0  # look for them now
+        how = describe_exit(code, sent=worker.sent, oom=oom, cpu_limit=cpu_limit)
+        kind = classify_exit(
+            code, ready=worker.ready, said_exiting=worker.exiting_at is not None,
+            in_trial=trial is not None, killed=worker.kill is not None,
+            ended=worker.ending is not None,
+        )  # fmt: skip
+        if kind is Exit.KILLED:
+            self.record_kill(worker, trial, how)
+        elif kind is Exit.RECYCLE:
+            self._log(worker, logging.INFO, None, "Worker recycled: starting a fresh one")
+        elif kind is Exit.START_FAILURE:
+            self.fatal = self.fatal or _start_failure(worker.log_path, code)
+            return
+        elif kind is Exit.DONE:
+            return
+        else:
+            stopping = kind is Exit.ENDED or self.draining or self.stopping
+            reason = "interrupted" if stopping else "worker_died"
+            during = f" during trial #{trial.number}" if trial is not None else ""
+            detail = f"worker {worker.tag} {'ended' if stopping else 'died'}{during}: {how}"
+            trial_id = trial.trial_id if trial is not None else None
+            for number in self.mark_trial(
+                worker, trial_id, TrialState.FAIL, {"reason": reason, "error": detail}
+            ):
+                line = f"Trial #{number} failed: {reason} ({detail})"
+                self._log(worker, logging.ERROR, number, line)
+            if stopping:
+                return
+            self.deaths += 1
+            self._log(worker, logging.ERROR, None, f"Worker died: {how}; starting a replacement")
+            if self.too_many_crashes(how, worker):
+                return
+        if not self.stopping and not self.draining:
+            self.spawn(worker.index)
+
+    def record_kill(self, worker: Worker, trial: Any, how: str) -> None:
+        from optuna.trial import TrialState
+
+        violation = worker.kill
+        if violation is None:
+            return
+        attrs = {
+            "reason": violation.reason,
+            "elapsed_s": round(violation.elapsed_s, 3),
+            "rss_bytes": violation.rss_bytes,
+            "limit": violation.limit,
+            "enforcement": "hard_kill",
+            "hard_kill": True,
+            "peak_rss_bytes": max(trial.peak if trial else 0, violation.rss_bytes),
+        }
+        trial_id = trial.trial_id if trial is not None else None
+        marked = self.mark_trial(worker, trial_id, TrialState.PRUNED, attrs)
+        if marked:
+            self.hard_kills += 1  # else the worker recorded it, and said so in its "end"
+        line = replace(violation, enforcement="hard_kill").log_line()
+        self._log(
+            worker, logging.ERROR, violation.trial_number,
+            f"{line} [hard_kill: worker {how}; "
+            f"trial {'marked PRUNED' if marked else 'already finished'}]",
+        )  # fmt: skip
+
+    def too_many_crashes(self, how: str, worker: Worker) -> bool:
+        now = time.monotonic()
+        self.crashes.append(now)
+        while self.crashes and now - self.crashes[0] > CRASH_WINDOW_S:
+            self.crashes.popleft()
+        if len(self.crashes) > MAX_CRASHES:
+            self.fatal = WorkerCrashError(
+                f"{len(self.crashes)} worker deaths within {CRASH_WINDOW_S:.0f}s "
+                f"(last: {how}); see {worker.log_path}"
+            )
+            return True
+        return False
+
+    # -- heartbeat and reaping ---------------------------------------------------------------
+    def heartbeat(self) -> None:
+        """Beat for this host's running trials (a worker stuck in C cannot beat for itself),
+        then reap trials whose owners died, and retry them once."""
+        for worker in self.workers.values():
+            if worker.trial is not None:
+                self.storage.record_heartbeat(worker.trial.trial_id)
+        own = frozenset(w.proc.pid for w in self.workers.values())
+        stale = reap_stale(self.study, self.storage, self.study_id, own)
+        if stale.reaped and self.on_notice is not None:
+            retried = ", ".join(f"#{n}" for n in stale.retried) or "none"
+            self.on_notice(
+                f"owner gone for trial(s) {', '.join(f'#{n}' for n in stale.reaped)}: marked "
+                f"FAIL (interrupted); retrying {retried}"
+            )
+
+    # -- stop and cancel: Ctrl+C, SIGTERM, or a request in the study's storage ------------------
+    def handle_requests(self, now: float) -> None:
+        if self.signals.count > self.signals_seen:
+            self.signals_seen = self.signals.count
+            if self.signals.count == 1 and self.signals.last == signal.SIGINT:
+                self.stop("Ctrl+C: no new trials, running trials finish; Ctrl+C again cancels them")
+            else:
+                self.cancel("cancelling: running trials are pruned at their next check")
+        if now - self.requests_at > REQUESTS_EVERY_S:
+            self.requests_at = now
+            if self.opts.patience is not None and not self.draining:
+                self.check_plateau()
+            action = read_request(self.storage, self.study_id)
+            if action == "stop" and not self.draining:
+                self.stop("optguard stop: no new trials, running trials finish")
+            elif action == "cancel" and not self.cancelling:
+                self.cancel("optguard cancel: running trials are pruned at their next check")
+
+    def check_plateau(self) -> None:
+        """``--patience``: end the study on every host once the best value stops improving."""
+        from optuna.trial import TrialState
+
+        finished = self.storage.get_all_trials(
+            self.study_id, deepcopy=False,
+            states=(TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL),
+        )  # fmt: skip
+        reason = study_plateaued(
+            finished, self.opts.patience or 0, self.opts.min_delta,
+            self.opts.direction == "maximize",
+        )  # fmt: skip
+        if reason is not None:
+            self.storage.set_study_user_attr(self.study_id, EARLY_STOP_ATTR, reason)
+            self.end_on_purpose(reason)
+
+    def end_on_purpose(self, reason: str) -> None:
+        """The study decided it is done (``--patience``, ``study.stop()``): every host stops
+        taking trials, and this run exits 0."""
+        if self.ended_by is not None:
+            return
+        self.ended_by = reason
+        set_request(self.storage, self.study_id, "stop")
+        self.stop(reason, requested=False)
+
+    def stop(self, notice: str, requested: bool = True) -> None:
+        self.draining = True
+        if requested and self.ended_by is None:
+            self.stopped_by = self.stopped_by or notice
+        now = time.monotonic()
+        for worker in self.workers.values():
+            if not worker.ready:
+                self.end_worker(worker, "stopped before it was ready", now)
+                continue
+            try:
+                os.kill(worker.proc.pid, signal.SIGUSR2)
+            except ProcessLookupError:
+                pass  # exited; the loop reaps it
+        if self.on_notice is not None:
+            self.on_notice(notice)
+
+    def cancel(self, notice: str) -> None:
+        self.stop(notice)
+        self.stopped_by = notice
+        self.cancelling = True
+        now = time.monotonic()
+        for worker in self.workers.values():
+            if worker.trial is None:  # between trials, leaving, or not ready: nothing to record
+                self.end_worker(worker, "cancelled", now)
+
+    # -- loop --------------------------------------------------------------------------------
+    def run(self) -> RunResult:
+        start = time.monotonic()
+        check_run_inputs(self.opts)  # before the storage is touched: bad input changes nothing
+        self.url, self.storage, self.study, self.study_id, recovery = prepare_study(self.opts)
+        if self.on_recovery is not None:
+            self.on_recovery(recovery)
+        proctree.become_subreaper()
+        keeper = start_keeper(self.run_id)
+        self.keeper_pid = keeper.pid  # a child of this process, but no orphan to end
+        handled = (signal.SIGINT, signal.SIGTERM)
+        previous = {s: signal.signal(s, self.signals.handler) for s in handled}
+        try:
+            self.progress = read_progress(self.storage, self.study_id)
+            if self.has_work():
+                for index in range(self.opts.workers):
+                    self.spawn(index)
+            self.loop()
+        except StorageError as exc:
+            self.fatal = self.fatal or exc
+            self.shutdown()
+        finally:
+            for signum, handler in previous.items():
+                signal.signal(signum, handler)
+            self.orphans.kill_all()
+            if keeper.stdin is not None:
+                keeper.stdin.close()  # the keeper sweeps what is left of this run, then exits
+            keeper.wait()
+        if self.fatal is not None:
+            raise self.fatal
+        progress = read_progress(self.storage, self.study_id)
+        if self.on_progress:
+            self.on_progress(progress)
+        result = RunResult(
+            progress=progress,
+            n_trials=self.opts.n_trials,
+            seconds=time.monotonic() - start,
+            interrupted=self.signals.count > 0 or self.stopped_by is not None,
+            workers_started=self.spawned,
+            worker_deaths=self.deaths,
+            interrupts=self.interrupts,
+            hard_kills=self.hard_kills,
+            ended_by=self.ended_by,
+        )
+        if not result.interrupted and self.ended_by is None:
+            error = incomplete_error(progress, self.opts.n_trials)
+            if error is not None:
+                raise error
+        return result
+
+    def has_work(self) -> bool:
+        """Whether this host should run workers: trials are missing or retries wait."""
+        n = self.opts.n_trials
+        waiting = self.progress.states.get("WAITING", 0)
+        return n is None or waiting > 0 or self.progress.finished + self.progress.running < n
+
+    def shutdown(self) -> None:
+        """The storage is gone for good: end the workers without recording anything."""
+        for worker in list(self.workers.values()):
+            worker.sigkill_tree("the storage is unreachable")
+            worker.proc.wait()
+            worker.close()
+        self.workers.clear()
+
+    def idle(self, now: float) -> bool:
+        """No worker runs: whether the run is over. It is not while retries wait (workers are
+        started for them) or other hosts' trials run (they may die and need reaping)."""
+        if self.orphans:
+            return False
+        if self.fatal is not None or self.draining or self.stopping:
+            return True
+        if now - self.progress_at > PROGRESS_EVERY_S:
+            self.progress_at = now
+            self.progress = read_progress(self.storage, self.study_id)
+        if self.progress.states.get("WAITING", 0) > 0:
+            for index in range(self.opts.workers):
+                self.spawn(index)
+            return False
+        return not self.progress.running
+
+    def loop(self) -> None:
+        orphans_since: float | None = None
+        while True:
+            now = time.monotonic()
+            if not self.workers:
+                if self.orphans:
+                    orphans_since = orphans_since or now
+                    if now - orphans_since > 3 * ORPHAN_GRACE_S:
+                        break  # an orphan SIGKILL does not end (D state) is not ours to wait for
+                elif self.idle(now):
+                    break
+            self.handle_requests(now)
+            if self.fatal is not None and not self.stopping:
+                self.stopping = True
+                for worker in self.workers.values():
+                    self.end_worker(worker, "the run is ending", now)
+            for worker in list(self.workers.values()):
+                self.read_status(worker, now)
+                if self.reap_worker(worker) is None and not self.stopping:
+                    self.watch(worker, now)
+            self.escalate_kills(now)
+            self.check_workers(now)
+            if not self.stopping and not self.cancelling:
+                self.watch_system_memory(now)
+            self.list_trees(now)
+            if now - self.heartbeat_at > self.opts.heartbeat_s:
+                self.heartbeat_at = now
+                self.heartbeat()
+            if self.on_progress and now - self.progress_at > PROGRESS_EVERY_S:
+                self.progress_at = now
+                self.progress = read_progress(self.storage, self.study_id)
+                self.on_progress(self.progress)
+            time.sleep(POLL_S)
+
+
+def run_study(
+    opts: RunOptions,
+    on_progress: Callable[[Progress], None] | None = None,
+    on_recovery: Callable[[Recovery], None] | None = None,
+    on_notice: Callable[[str], None] | None = None,
+) -> RunResult:
+    """Run a guarded study to its ``n_trials`` with ``opts.workers`` worker processes.
+
+    ``on_recovery`` hears, before workers start, which trials a dead run left RUNNING were
+    reaped and which were enqueued again; ``on_notice`` hears stop and cancel as they happen.
+    Raises an ``OptguardError`` for every outcome but "the study has its trials" (or a stop).
+    """
+    return _Supervisor(opts, on_progress, on_recovery, on_notice).run()

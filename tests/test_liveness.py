@@ -1,0 +1,73 @@
+"""``optguard.liveness``: the one decision about whether a RUNNING trial's owner is alive."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+
+import pytest
+
+from optguard.liveness import Beat, Owner, Proc, Verdict, parse_owner, probe, trial_verdict
+
+HERE = "hosta"
+MINE = Owner(HERE, 4242)
+THEIRS = Owner("hostb", 4242)
+
+
+@pytest.mark.parametrize(
+    ("owner", "proc", "beat", "verdict"),
+    [
+        # On the owner's host the process decides, whatever the beats say.
+        (MINE, Proc.RUNNING, Beat.STALE, Verdict.ALIVE),  # stuck in C: alive
+        (MINE, Proc.RUNNING, Beat.NEVER, Verdict.ALIVE),
+        (MINE, Proc.ZOMBIE, Beat.FRESH, Verdict.DEAD),  # a zombie is dead
+        (MINE, Proc.GONE, Beat.FRESH, Verdict.DEAD),
+        (MINE, Proc.REUSED, Beat.FRESH, Verdict.DEAD),  # pid now names another process
+        (MINE, Proc.UNREADABLE, Beat.STALE, Verdict.UNKNOWN),
+        # Elsewhere only the heartbeat can tell.
+        (THEIRS, None, Beat.FRESH, Verdict.ALIVE),
+        (THEIRS, None, Beat.STALE, Verdict.DEAD),
+        (THEIRS, None, Beat.NEVER, Verdict.UNBEATEN),  # died before its first beat
+        # No owner (plain Optuna wrote it): the heartbeat too.
+        (None, None, Beat.FRESH, Verdict.ALIVE),
+        (None, None, Beat.STALE, Verdict.DEAD),
+        (None, None, Beat.NEVER, Verdict.UNBEATEN),
+        # This host's owner but not probed (the caller skips its own live workers).
+        (MINE, None, Beat.STALE, Verdict.DEAD),
+    ],
+)
+def test_trial_verdict(owner: Owner | None, proc: Proc | None, beat: Beat, verdict: Verdict) -> None:
+    assert trial_verdict(owner, HERE, proc, beat) is verdict
+
+
+@pytest.mark.parametrize(
+    ("tag", "owner"),
+    [
+        ("hosta:12", Owner("hosta", 12)),
+        ("a:b:12", Owner("a:b", 12)),
+        ("hosta:", None),
+        (":12", None),
+        ("hosta:x", None),
+        (None, None),
+        (12, None),
+    ],
+)
+def test_parse_owner(tag: object, owner: Owner | None) -> None:
+    assert parse_owner(tag) == owner
+
+
+def test_probe_sees_running_zombie_gone_and_reused() -> None:
+    started = time.time()
+    child = subprocess.Popen([sys.executable, "-c", "pass"])
+    while True:  # exited but not reaped: a zombie
+        with open(f"/proc/{child.pid}/stat") as fh:
+            if fh.read().rsplit(")", 1)[1].split()[0] == "Z":
+                break
+        time.sleep(0.01)
+    assert probe(child.pid, started) is Proc.ZOMBIE
+    child.wait()
+    assert probe(child.pid, started) is Proc.GONE
+    assert probe(os.getpid(), time.time()) is Proc.RUNNING
+    assert probe(os.getpid(), 0.0) is Proc.REUSED  # this process started after "the trial"
