@@ -1,12 +1,14 @@
 """Plain-text worker logs with stable phrases users grep for.
 
-One file per worker: ``<log_dir>/worker_<study>_<host>_<index>.log``. Every line is
-``timestamp level worker=<index>:<pid> trial=<n> message``; no colour codes. Nothing here runs
-on import: the CLI (or a test) decides which handlers exist.
+One file per worker: ``<log_dir>/worker_<study>_<host>_<index>.log``, each name through
+``safe_name`` (a study name needing changes gets a hash: ``worker_exp_1-3f2a9c01_host_0.log``).
+Every line is ``timestamp level worker=<index>:<pid> trial=<n> message``; no colour codes.
+Nothing here runs on import: the CLI (or a test) decides which handlers exist.
 """
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import re
 from pathlib import Path
@@ -25,8 +27,18 @@ def set_trial(number: int | None) -> None:
 
 
 def safe_name(text: str) -> str:
-    """``text`` usable as one file name: anything but letters, digits, ``._-`` becomes ``_``."""
-    return _UNSAFE.sub("_", text)
+    """``text`` usable as one file name, unique to it.
+
+    A name of letters, digits and ``._-`` is kept as it is (users grep
+    ``logs/worker_<study>_*.log``). In any other, each run of other characters becomes ``_``
+    and a short hash of the original is appended, so that ``exp/1`` and ``exp 1`` (or two
+    names in another script, which both become ``_``) never share a log file or a checkpoint
+    directory. The hash is SHA-256, stable across processes and hosts.
+    """
+    safe = _UNSAFE.sub("_", text)
+    if safe == text:
+        return text
+    return f"{safe}-{hashlib.sha256(text.encode('utf-8', 'surrogatepass')).hexdigest()[:8]}"
 
 
 def worker_log_path(log_dir: Path, study: str, host: str, index: int) -> Path:

@@ -1,15 +1,112 @@
 """Checks of ``optguard run``'s input made before anything touches the storage.
 
 Bad input must leave the storage as it was: no study created, no attribute rewritten. So
-everything that can be known without running the objective is checked here first.
+everything that can be known without running the objective is checked here first: the
+objective target, the sampler's packages, and every path the run will write to. Nothing is
+created here: a directory is probed with a temporary file, removed at once.
 """
 
 from __future__ import annotations
 
-from optguard.config import RunOptions
+import os
+import tempfile
+from pathlib import Path
 
-__all__ = ["check_run_inputs"]
+from optguard.checkpointing import DEFAULT_ROOT as DEFAULT_CHECKPOINT_DIR
+from optguard.config import RunOptions
+from optguard.errors import UsageError
+from optguard.objective import check_target
+from optguard.study import missing_sampler_packages
+from optguard.urls import resolve_url, sqlite_path
+
+__all__ = ["check_run_inputs", "check_sampler"]
 
 
 def check_run_inputs(opts: RunOptions) -> None:
     """Raise ``UsageError`` (exit 2) naming the first problem found in ``opts``."""
+    check_target(opts.objective)
+    check_sampler(opts.sampler)
+    _check_directory(opts.log_dir, "--log-dir", writable=True)
+    # Only objectives calling optguard.checkpoints() write there: the default is not required
+    # to be writable (a read-only working directory with a server storage is fine).
+    explicit = opts.checkpoint_dir != DEFAULT_CHECKPOINT_DIR
+    _check_directory(opts.checkpoint_dir, "--checkpoint-dir", writable=explicit)
+    _check_sqlite(opts.storage)
+
+
+def check_sampler(sampler: str) -> None:
+    """The sampler's optional packages are installed (they are not imported here)."""
+    missing = missing_sampler_packages(sampler)
+    if missing:
+        noun = "package" if len(missing) == 1 else "packages"
+        names = ", ".join(repr(m) for m in missing)
+        raise UsageError(
+            f"--sampler {sampler} needs the {noun} {names}: pip install {' '.join(missing)}"
+        )
+
+
+def _probe(directory: Path) -> OSError | None:
+    """Why a file cannot be created in ``directory`` (which exists), or None.
+
+    Trying is the only answer that holds for root, on read-only mounts and in /proc or /sys,
+    where permission bits and ``os.access`` say yes.
+    """
+    try:
+        fd, name = tempfile.mkstemp(prefix=".optguard-probe-", dir=directory)
+    except OSError as exc:
+        return exc
+    os.close(fd)
+    os.unlink(name)
+    return None
+
+
+def _check_directory(path: Path, option: str, *, writable: bool) -> None:
+    """``path`` is a directory, or can be created, and (``writable``) files can be made in it."""
+    shown = f"{option} {path}"
+    for candidate in (path, *path.parents):  # the nearest part of it that exists
+        real = candidate.absolute()
+        if real.exists():
+            break
+        if real.is_symlink():
+            raise UsageError(f"{shown}: {candidate} is a broken symbolic link")
+    if not real.is_dir():
+        what = "not a directory" if candidate == path else f"{candidate} is not a directory"
+        raise UsageError(f"{shown}: {what}")
+    if not writable:
+        return
+    problem = _probe(real)
+    if problem is not None:
+        reason = problem.strerror or str(problem)
+        if candidate == path:
+            raise UsageError(f"{shown}: cannot write in it ({reason})")
+        raise UsageError(f"{shown}: cannot create it in {real} ({reason})")
+
+
+def _check_sqlite(storage: str | None) -> None:
+    """The SQLite file can be created, or written with its journal and lock files beside it."""
+    path = sqlite_path(resolve_url(storage))
+    if path is None:
+        return
+    directory = path.parent
+    if path.exists():
+        if not path.is_file():
+            raise UsageError(f"SQLite storage {path} is not a file")
+        problem = _probe(directory) if directory.is_dir() else None
+        if problem is None:
+            try:
+                with path.open("r+b"):  # opened for writing, nothing written
+                    pass
+            except OSError as exc:
+                problem = exc
+        if problem is not None:
+            reason = problem.strerror or str(problem)
+            raise UsageError(f"cannot write the SQLite storage {path} ({reason})")
+        return
+    if not directory.is_dir():
+        raise UsageError(
+            f"cannot create the SQLite storage {path}: directory {directory} does not exist"
+        )
+    problem = _probe(directory)
+    if problem is not None:
+        reason = problem.strerror or str(problem)
+        raise UsageError(f"cannot create the SQLite storage {path} in {directory} ({reason})")

@@ -141,8 +141,8 @@ def _retry(
             continue
         if ATTR + "retry_of" in trial.user_attrs:
             continue  # a retry is not retried again: once per configuration
-        if trial.user_attrs.get(ATTR + "reason") not in reasons or not trial.params:
-            continue
+        if trial.user_attrs.get(ATTR + "reason") not in reasons:
+            continue  # (a trial ended before it suggested anything is retried too: its slot)
         study.enqueue_trial(dict(trial.params), user_attrs={ATTR + "retry_of": trial.number})
         retried.append(trial.number)
     return retried

@@ -216,6 +216,18 @@ def _svg_chart(title: str, points: list[tuple[int, float | None, str]], limit: f
     return "\n".join(parts)
 
 
+def _unwritable(path: Path, exc: OSError) -> UsageError:
+    return UsageError(f"--plot: cannot write {path}: {exc.strerror or exc}")
+
+
+def _check_plot_directory(path: Path) -> None:
+    """Before drawing: a missing directory is a typo, not a reason for a traceback."""
+    directory = path.parent
+    if not directory.is_dir():
+        what = "is not a directory" if directory.exists() else "does not exist"
+        raise UsageError(f"--plot: cannot write {path}: directory {directory} {what}")
+
+
 def write_plot(report: dict[str, Any], path: Path) -> None:
     """Final and peak memory per trial against the limit, duration against the time limit,
     one point per trial coloured by state: ``.html`` (no dependency) or ``.png`` (matplotlib)."""
@@ -229,16 +241,21 @@ def write_plot(report: dict[str, Any], path: Path) -> None:
         ("Trial duration", "duration_s", time_limit, "s"),
     ]
     suffix = path.suffix.lower()
+    _check_plot_directory(path)
     if suffix == ".html":
         charts = [
             _svg_chart(title, [(p["trial"], p[key], p["state"]) for p in pts], limit, unit)
             for title, key, limit, unit in series
         ]  # fmt: skip
-        path.write_text(
-            f"<!doctype html><html><head><meta charset='utf-8'><title>optguard report: "
-            f"{report['study']}</title></head><body>\n" + "\n".join(charts) + "\n</body></html>\n",
-            encoding="utf-8",
-        )
+        try:
+            path.write_text(
+                f"<!doctype html><html><head><meta charset='utf-8'><title>optguard report: "
+                f"{report['study']}</title></head><body>\n" + "\n".join(charts)
+                + "\n</body></html>\n",
+                encoding="utf-8",
+            )  # fmt: skip
+        except OSError as exc:
+            raise _unwritable(path, exc) from None
         return
     if suffix != ".png":
         raise UsageError(f"--plot: {path.name} must end in .png or .html")
@@ -262,5 +279,9 @@ def write_plot(report: dict[str, Any], path: Path) -> None:
     axes[0].legend(loc="upper left", fontsize=8)
     axes[-1].set_xlabel("trial")
     fig.tight_layout()
-    fig.savefig(path, dpi=80)
-    plt.close(fig)
+    try:
+        fig.savefig(path, dpi=80)
+    except OSError as exc:
+        raise _unwritable(path, exc) from None
+    finally:
+        plt.close(fig)

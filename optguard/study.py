@@ -2,16 +2,42 @@
 
 from __future__ import annotations
 
+import importlib.util
 from typing import TYPE_CHECKING, Callable
 
 if TYPE_CHECKING:
     import optuna
 
-__all__ = ["SAMPLERS", "PRUNERS", "DIRECTIONS", "make_sampler", "make_pruner"]
+__all__ = [
+    "SAMPLERS", "PRUNERS", "DIRECTIONS", "SAMPLER_PACKAGES", "make_sampler", "make_pruner",
+    "missing_sampler_packages",
+]  # fmt: skip
 
 DIRECTIONS = ("minimize", "maximize")
 SAMPLERS = ("tpe", "random", "cmaes", "qmc", "gp", "nsga2")
 PRUNERS = ("median", "none", "halving", "hyperband")
+# The optional packages each sampler imports lazily in Optuna 5 (at its first trial, so a
+# missing one fails every trial): samplers/_cmaes.py imports cmaes, samplers/_qmc.py
+# scipy.stats.qmc, samplers/_gp and optuna/_gp torch and scipy. Module name = pip name.
+SAMPLER_PACKAGES: dict[str, tuple[str, ...]] = {
+    "cmaes": ("cmaes",),
+    "qmc": ("scipy",),
+    "gp": ("torch", "scipy"),
+}
+
+
+def missing_sampler_packages(name: str) -> list[str]:
+    """The packages sampler ``name`` needs that cannot be found; nothing is imported (torch
+    alone takes seconds and hundreds of MB)."""
+    missing = []
+    for package in SAMPLER_PACKAGES.get(name, ()):
+        try:
+            found = importlib.util.find_spec(package) is not None
+        except ValueError:  # in sys.modules without a __spec__: it is there
+            found = True
+        if not found:
+            missing.append(package)
+    return missing
 
 
 def make_sampler(name: str) -> "optuna.samplers.BaseSampler":

@@ -41,6 +41,7 @@ from optguard.logs import set_trial, worker_log_path, worker_logger
 from optguard.memory import peak_rss, reset_peak
 from optguard.sqlite import in_transaction
 from optguard.objective import error_line, load_objective
+from optguard.preflight import check_sampler
 from optguard.storage import (
     TrialSlots,
     mask_url,
@@ -499,6 +500,7 @@ def run_worker(opts: RunOptions, index: int = 0) -> int:
         format_gb(limits.max_rss_bytes or 0),
     )
     try:
+        check_sampler(opts.sampler)  # a worker started by hand or a scheduler: no preflight
         objective = load_objective(opts.objective)
         study, slots = _open_study(opts, url)
     except OptguardError as exc:

@@ -39,6 +39,9 @@ def test_restart_after_sigkill_of_whole_run(tmp_path: Path, study_name: str) -> 
     )  # fmt: skip
     try:
         _wait_started(tmp_path, 2)
+        pids = tmp_path / "pids.txt"  # written once a trial has suggested its parameter
+        while not (pids.exists() and len(pids.read_text().split()) >= 2):
+            time.sleep(0.05)
         run.send_signal(signal.SIGKILL)
         run.wait(timeout=10)
     finally:
@@ -120,7 +123,7 @@ def test_other_hosts_stale_trial_is_reaped_by_heartbeat(pg_study: str, tmp_path:
         cwd=tmp_path, env={"OPTGUARD_TEST_SLOW": "3"},
     )  # fmt: skip
     assert result.returncode == 0, result.stderr
-    assert "no heartbeat from trial(s) #0: marked FAIL (interrupted); retrying #0" in result.stdout
+    assert "owner gone for trial(s) #0: marked FAIL (interrupted); retrying #0" in result.stdout
     trials = load_trials(PG_URL, pg_study)
     assert trials[0].state == TrialState.FAIL
     assert trials[0].user_attrs["optguard.reason"] == "interrupted"

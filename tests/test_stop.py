@@ -47,7 +47,7 @@ def test_stop_lets_running_trials_finish(tmp_path: Path, study_name: str) -> Non
     asked = run_cli("stop", "--study", study_name, cwd=tmp_path)
     assert asked.returncode == 0 and "stop requested" in asked.stdout
     out, err = _finish(proc)
-    assert proc.returncode == 0, err
+    assert proc.returncode == 130, err  # stopped: the study does not have its trials
     assert "optguard stop: no new trials" in out
     trials = load_trials(sqlite_url(tmp_path), study_name)
     assert 2 <= len(trials) <= 4 and {t.state for t in trials} == {TrialState.COMPLETE}
@@ -66,7 +66,7 @@ def test_cancel_prunes_running_trials_at_next_check(tmp_path: Path, study_name: 
     assert run_cli("cancel", "--study", study_name, cwd=tmp_path).returncode == 0
     out, err = _finish(proc)
     took = time.monotonic() - started
-    assert proc.returncode == 0, err
+    assert proc.returncode == 130, err
     trials = load_trials(sqlite_url(tmp_path), study_name)
     cancelled = [t for t in trials if t.user_attrs.get("optguard.reason") == "cancelled"]
     assert len(cancelled) >= 1 and {t.state for t in cancelled} == {TrialState.PRUNED}
@@ -79,7 +79,7 @@ def test_cancel_kills_a_trial_that_never_checks(tmp_path: Path, study_name: str)
     _wait_running(tmp_path, 1)
     assert run_cli("cancel", "--study", study_name, cwd=tmp_path).returncode == 0
     _, err = _finish(proc)
-    assert proc.returncode == 0, err
+    assert proc.returncode == 130, err
     (first,) = [t for t in load_trials(sqlite_url(tmp_path), study_name) if t.number == 0]
     assert first.state == TrialState.PRUNED
     assert first.user_attrs["optguard.reason"] == "cancelled"

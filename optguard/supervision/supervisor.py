@@ -42,7 +42,7 @@ from optguard.errors import (
     WorkerCrashError,
     WorkerStartError,
 )
-from optguard.guard import REASON_SYSTEM_MEMORY, Violation
+from optguard.guard import REASON_MEMORY, REASON_SYSTEM_MEMORY, Violation
 from optguard.preflight import check_run_inputs
 from optguard.progress import Progress, read_progress
 from optguard.recovery import Recovery, reap_stale, recover
@@ -129,6 +129,16 @@ def prepare_study(opts: RunOptions) -> tuple[str, Any, Any, int, Recovery]:
     finally:
         slots.close()
     return url, storage, study, slots.study_id, recovery
+
+
+def _interrupt_note(violation: Violation, esc: Any) -> str:
+    if violation.reason == REASON_CANCELLED:
+        return "cancel: no check within the grace period: interrupting the worker"
+    if violation.reason == REASON_MEMORY and esc.memory_grace_s <= 0:
+        return "no memory grace: interrupting the worker"
+    if violation.reason == REASON_SYSTEM_MEMORY:
+        return "interrupting the worker"
+    return "no check within the grace period: interrupting the worker"
 
 
 def _about(trial: Watched | None, event: dict[str, Any]) -> bool:
@@ -311,7 +321,7 @@ class _Supervisor:
             self.step(worker, "soft", violation, note + "pruning at its next check")
         elif step is Step.INTERRUPT:
             trial.violation, trial.interrupted_at = violation, now
-            self.step(worker, "interrupt", violation, "interrupting the worker")
+            self.step(worker, "interrupt", violation, _interrupt_note(violation, self.esc))
         elif step is Step.KILL_NOW:
             self._log(
                 worker, logging.WARNING, trial.number,
