@@ -119,9 +119,22 @@ class TrialGuard:
                 )
 
     def install(self) -> None:
-        """Wrap the trial's ``report`` and ``should_prune`` so each checks the limits first."""
+        """Wrap the trial's ``report`` and ``should_prune`` so each checks the limits first,
+        and its suggestions so a stop already requested ends the trial right after one.
+
+        A SIGTERM or an interrupt that lands while a suggestion is being written to the
+        storage cannot raise there (it would leave the write half done): it waits for the
+        end of that suggestion, instead of being lost in an objective that never checks.
+        """
         report = self.trial.report
         should_prune = self.trial.should_prune
+        suggest = self.trial._suggest
+
+        def guarded_suggest(name: str, distribution: Any) -> Any:
+            value = suggest(name, distribution)
+            if self._stop is not None:
+                raise GuardPruned(self._stop)
+            return value
 
         def guarded_report(value: float, step: int) -> None:
             self.check()
@@ -133,6 +146,7 @@ class TrialGuard:
 
         self.trial.report = guarded_report  # type: ignore[method-assign]
         self.trial.should_prune = guarded_should_prune  # type: ignore[method-assign]
+        self.trial._suggest = guarded_suggest  # type: ignore[method-assign]
         global _active
         _active = self
 

@@ -151,10 +151,16 @@ class _Supervised:
         if self.status_fd is not None:
             channel.send(self.status_fd, {"event": event, **fields})
 
-    def begin(self, guard: TrialGuard) -> None:
+    def begin(self, guard: TrialGuard) -> Violation | None:
+        """Watch ``guard``'s trial; returns the interrupt a SIGTERM asked for before the trial
+        began (between the claim and now), which must end it before the objective starts:
+        an objective that never checks would otherwise run on with the SIGTERM lost."""
         self.guard = guard
         self.tree_peak = 0
         self.command = None
+        if self.stop_reason != REASON_INTERRUPTED:
+            return None
+        return replace(guard.stop_violation(REASON_INTERRUPTED), enforcement="interrupt")
 
     def end(self) -> None:
         """Read what is left on the control pipe (peaks), with the command signals blocked."""
@@ -282,7 +288,7 @@ class _TrialRunner:
         )
         self.log.info("Trial #%d started", number)
         guard.install()
-        self.supervised.begin(guard)
+        pending = self.supervised.begin(guard)
         os.environ[channel.TRIAL_ENV] = str(number)
         value: float | None = None
         error: str | None = None
@@ -293,6 +299,8 @@ class _TrialRunner:
             # As inside study.optimize: trial.study.stop() is allowed, and ends the study.
             self.study._thread_local.in_optimize_loop = True
             try:
+                if pending is not None:
+                    raise GuardPruned(pending)
                 result = self.objective(trial)
             finally:
                 self.supervised.in_objective = False
@@ -537,6 +545,9 @@ def run_worker(opts: RunOptions, index: int = 0) -> int:
                 break
     finally:
         slots.close()
+    # Nothing left to record: a SIGTERM (the supervisor ending a worker that lingers in a
+    # non-daemon thread or an atexit handler) now ends it at once.
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
     supervised.report("exiting")
     log.info(
         "Worker exiting: %d trials in %.1fs%s",

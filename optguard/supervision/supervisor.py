@@ -101,14 +101,23 @@ class _Signals:
         self.last = signum
 
 
-def prepare_study(opts: RunOptions) -> tuple[str, Any, Any, int, Recovery]:
-    """Create the schema and the study once, then recover it, before any worker starts."""
+def prepare_study(opts: RunOptions) -> tuple[str, Any, Any, int, Recovery, bool]:
+    """Create the schema and the study once, then recover it, before any worker starts.
+
+    The last item says whether the study was created here: a run whose workers cannot even
+    import the objective deletes it again, so bad input leaves nothing behind.
+    """
     import optuna
     import sqlalchemy.exc
 
     url = resolve_url(opts.storage)
     storage = open_storage(url, create_schema=True, heartbeat_s=opts.heartbeat_s)
     optuna.logging.set_verbosity(optuna.logging.WARNING)
+    try:
+        storage.get_study_id_from_name(opts.study)
+        created = False
+    except KeyError:
+        created = True
     try:
         study = optuna.create_study(
             study_name=opts.study, storage=storage, direction=opts.direction, load_if_exists=True
@@ -128,7 +137,7 @@ def prepare_study(opts: RunOptions) -> tuple[str, Any, Any, int, Recovery]:
             recovery = recover(study, storage, slots.study_id, opts.retry_pruned)
     finally:
         slots.close()
-    return url, storage, study, slots.study_id, recovery
+    return url, storage, study, slots.study_id, recovery, created
 
 
 def _interrupt_note(violation: Violation, esc: Any) -> str:
@@ -654,7 +663,9 @@ class _Supervisor:
     def run(self) -> RunResult:
         start = time.monotonic()
         check_run_inputs(self.opts)  # before the storage is touched: bad input changes nothing
-        self.url, self.storage, self.study, self.study_id, recovery = prepare_study(self.opts)
+        self.url, self.storage, self.study, self.study_id, recovery, created = prepare_study(
+            self.opts
+        )
         if self.on_recovery is not None:
             self.on_recovery(recovery)
         proctree.become_subreaper()
@@ -679,6 +690,8 @@ class _Supervisor:
                 keeper.stdin.close()  # the keeper sweeps what is left of this run, then exits
             keeper.wait()
         if self.fatal is not None:
+            if created and isinstance(self.fatal, UsageError) and not self.limits_written:
+                self.storage.delete_study(self.study_id)  # no trial ran: as if never started
             raise self.fatal
         progress = read_progress(self.storage, self.study_id)
         if self.on_progress:

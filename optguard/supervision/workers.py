@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO
 
-from optguard import channel, proctree
+from optguard import channel, proctree, threads
 from optguard.config import RunOptions
 from optguard.guard import Violation
 from optguard.logs import worker_log_path, worker_logger
@@ -146,6 +146,12 @@ def spawn_worker(
     status_r, status_w, control_r, control_w = channel.open_pipe_pair()
     url_r = _url_pipe(url)
     env = {k: v for k, v in os.environ.items() if k != channel.STORAGE_ENV}
+    # Thread pools are sized when their library loads (optuna loads NumPy before the
+    # objective): the environment is the one place early enough. The user's values win.
+    plan = threads.plan_threads(
+        opts.threads_per_worker, opts.workers, opts.cpu_affinity, os.environ, threads.run_cpus()
+    )
+    env.update(plan.export)
     env.update({
         channel.STORAGE_FD_ENV: str(url_r),
         channel.STATUS_FD_ENV: str(status_w),
@@ -155,15 +161,17 @@ def spawn_worker(
         channel.RUN_ENV: run_id,
     })  # fmt: skip
     try:
-        proc = subprocess.Popen(
-            worker_argv(opts, index),
-            stdin=subprocess.DEVNULL,
-            stdout=out,
-            stderr=subprocess.STDOUT,
-            env=env,
-            start_new_session=True,
-            pass_fds=(status_w, control_r, url_r),
-        )
+        # Pinned from its first instruction: it inherits this thread's mask (threads.py).
+        with threads.spawn_affinity(plan.cpus_of(index)):
+            proc = subprocess.Popen(
+                worker_argv(opts, index),
+                stdin=subprocess.DEVNULL,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                env=env,
+                start_new_session=True,
+                pass_fds=(status_w, control_r, url_r),
+            )
     finally:
         for fd in (status_w, control_r, url_r):
             os.close(fd)
