@@ -201,6 +201,14 @@ def run(
         "error, as study.optimize stops at the first; 0 tolerates failures. [3]",
     ),
     storage_outage: Optional[str] = StorageOutageOpt,
+    threads_per_worker: Optional[int] = typer.Option(
+        None, "--threads-per-worker", help="OMP/MKL/OpenBLAS/... threads of each worker, "
+        "unless already set in the environment. [cores available / --workers]",
+    ),
+    cpu_affinity: Optional[bool] = typer.Option(
+        None, "--cpu-affinity/--no-cpu-affinity", help="Pin each worker to its own "
+        "--threads-per-worker cores (a replacement gets the same ones). [off]",
+    ),
 ) -> None:
     """Run a guarded study with N worker processes on one shared storage."""
     opts = _options(
@@ -212,13 +220,20 @@ def run(
         retry_pruned=retry_pruned, patience=patience, min_delta=min_delta, heartbeat=heartbeat,
         checkpoint_dir=checkpoint_dir, checkpoint_budget=checkpoint_budget,
         start_timeout=start_timeout, fail_fast=fail_fast, storage_outage=storage_outage,
+        threads_per_worker=threads_per_worker, cpu_affinity=cpu_affinity,
     )  # fmt: skip
+    import os
+
     from optguard.storage import mask_url, resolve_url
     from optguard.supervision import run_study
+    from optguard.threads import plan_threads, run_cpus
 
+    threads = plan_threads(
+        opts.threads_per_worker, opts.workers, opts.cpu_affinity, os.environ, run_cpus()
+    )
     print(
         f"optguard: study {opts.study!r} on {mask_url(resolve_url(opts.storage))}, "
-        f"{opts.workers} worker(s), logs in {opts.log_dir}/",
+        f"{opts.workers} worker(s), {threads.describe()}, logs in {opts.log_dir}/",
         flush=True,
     )
     renderer = _Renderer(opts.n_trials, opts.study)
@@ -529,7 +544,10 @@ def main(argv: Optional[list[str]] = None) -> None:
     except OptguardError as exc:
         if _state["debug"]:
             traceback.print_exc()
-        print(f"optguard: error: {exc}", file=sys.stderr)
+        try:
+            print(f"optguard: error: {exc}", file=sys.stderr, flush=True)
+        except OSError:
+            pass  # stderr on the full disk that caused the error: the exit code still says it
         sys.exit(exc.exit_code)
     except Exception as exc:  # a bug of ours: still one line unless --debug
         if _state["debug"]:

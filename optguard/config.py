@@ -24,7 +24,7 @@ from optguard.study import DIRECTIONS, PRUNERS, SAMPLERS
 
 __all__ = ["RunOptions", "resolve_options", "CONFIG_KEYS"]
 
-# key -> accepted TOML types (bool is excluded from int explicitly below).
+# key -> accepted TOML types (bool, a subclass of int, only where listed).
 CONFIG_KEYS: dict[str, tuple[type, ...]] = {
     "study": (str,),
     "objective": (str,),
@@ -54,6 +54,8 @@ CONFIG_KEYS: dict[str, tuple[type, ...]] = {
     "start_timeout": (str, int, float),
     "fail_fast": (int,),
     "storage_outage": (str, int, float),
+    "threads_per_worker": (int,),
+    "cpu_affinity": (bool,),
 }
 RETRY_REASONS = ("timeout", "memory", "system_memory", "worker_died")
 
@@ -85,6 +87,8 @@ class RunOptions:
     start_timeout_s: float = 600.0  # a worker not ready by then (its import hangs) ends the run
     fail_fast: int = 3  # the run's first N trials all failing with one error end it; 0: never
     storage_outage_s: float = 60.0  # storage unreachable this long: give up (exit 3)
+    threads_per_worker: int | None = None  # None: the cores available / workers (threads.py)
+    cpu_affinity: bool = False  # pin each worker to its own threads_per_worker cores
 
     def with_storage(self, url: str) -> "RunOptions":
         return replace(self, storage=url)
@@ -106,7 +110,7 @@ def load_config(path: Path) -> dict[str, Any]:
             known = ", ".join(CONFIG_KEYS)
             raise ConfigError(f"config file {path}: unknown key {key!r} (known: {known})")
         types = CONFIG_KEYS[key]
-        if isinstance(value, bool) or not isinstance(value, types):
+        if (isinstance(value, bool) and bool not in types) or not isinstance(value, types):
             wanted = " or ".join(t.__name__ for t in types)
             raise ConfigError(
                 f"config file {path}: {key} must be {wanted}, got {type(value).__name__}"
@@ -134,7 +138,8 @@ def resolve_options(flags: Mapping[str, Any], config: Path | None = None) -> Run
     fail_fast = merged.get("fail_fast", 3)
     if fail_fast < 0:
         raise UsageError(f"{name('fail_fast')} must be >= 0, got {fail_fast}")
-    for key in ("workers", "n_trials", "max_trials_per_worker", "patience"):
+    for key in ("workers", "n_trials", "max_trials_per_worker", "patience",
+                "threads_per_worker"):
         value = merged.get(key)
         if value is not None and value < 1:
             raise UsageError(f"{name(key)} must be at least 1, got {value}")
@@ -203,4 +208,6 @@ def resolve_options(flags: Mapping[str, Any], config: Path | None = None) -> Run
         start_timeout_s=parsed("start_timeout", parse_duration, defaults.start_timeout_s),
         fail_fast=fail_fast,
         storage_outage_s=parsed("storage_outage", parse_duration, defaults.storage_outage_s),
+        threads_per_worker=merged.get("threads_per_worker"),
+        cpu_affinity=bool(merged.get("cpu_affinity", defaults.cpu_affinity)),
     )

@@ -2,7 +2,8 @@
 
 ``stop``: take no new trial, let the running ones finish. ``cancel``: also prune the running
 ones at their next check (reason ``cancelled``), killing them after the grace period. The flag
-is a study user attribute; the next ``optguard run`` clears it.
+is a study user attribute; the next ``optguard run`` clears it. Reads and writes go through
+the storage's own calls, which ride out an outage (``optguard.storage.open_storage``).
 """
 
 from __future__ import annotations
@@ -39,8 +40,8 @@ def set_request(storage: "optuna.storages.BaseStorage", study_id: int, action: s
 
 def request(study: str, storage_url: str | None, action: str) -> str:
     """Set ``stop`` or ``cancel`` on a study; returns the masked storage URL it was set on."""
-    from optguard.storage import mask_url, open_existing_study
+    from optguard.storage import DEFAULT_OUTAGE_S, mask_url, open_existing_study
 
-    url, storage, study_id = open_existing_study(study, storage_url)
+    url, storage, study_id = open_existing_study(study, storage_url, DEFAULT_OUTAGE_S)
     set_request(storage, study_id, action)
     return mask_url(url)

@@ -7,7 +7,9 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
+
+from optguard.outage import outage_of
 
 if TYPE_CHECKING:
     import optuna
@@ -47,7 +49,8 @@ def read_progress(storage: "optuna.storages.RDBStorage", study_id: int) -> Progr
 
     The best value is a ``MIN``/``MAX`` over complete trials' first objective rather than
     ``get_best_trial``, which loads the trial and cost 20 ms a call on a busy SQLite file;
-    infinite values (stored as NULL) are left out of it.
+    infinite values (stored as NULL) are left out of it. Retried through an outage like the
+    storage's own calls (``optguard.outage``).
     """
     from optuna.storages._rdb import models
     from optuna.study import StudyDirection
@@ -79,10 +82,15 @@ def read_progress(storage: "optuna.storages.RDBStorage", study_id: int) -> Progr
             value.objective == 0,
         )
     )
-    with storage.engine.connect() as conn:
-        states = {state.name: int(n) for state, n in conn.execute(by_state)}
-        reasons = {str(json.loads(v)): int(n) for v, n in conn.execute(by_reason)}
-        best_value = conn.execute(best).scalar() if states.get("COMPLETE") else None
+
+    def read() -> tuple[dict[str, int], dict[str, int], Any]:
+        with storage.engine.connect() as conn:
+            states = {state.name: int(n) for state, n in conn.execute(by_state)}
+            reasons = {str(json.loads(v)): int(n) for v, n in conn.execute(by_reason)}
+            best_value = conn.execute(best).scalar() if states.get("COMPLETE") else None
+        return states, reasons, best_value
+
+    states, reasons, best_value = outage_of(storage).call(read)
     return Progress(
         states=states,
         best_value=None if best_value is None else float(best_value),

@@ -18,9 +18,17 @@ from typing import Any
 
 from optguard.errors import StorageError
 
-__all__ = ["BUSY_TIMEOUT_S", "prepare_file", "install_events", "in_transaction"]
+__all__ = [
+    "BUSY_TIMEOUT_S",
+    "prepare_file",
+    "install_events",
+    "in_transaction",
+    "relieve_full_disk",
+    "truncate_wal",
+]
 
 BUSY_TIMEOUT_S = 120.0
+CHECKPOINT_TIMEOUT_S = 1.0  # a checkpoint waits this long for other processes' transactions
 
 
 def prepare_file(path: Path) -> None:
@@ -32,6 +40,33 @@ def prepare_file(path: Path) -> None:
             conn.execute("PRAGMA journal_mode=WAL")
     except sqlite3.Error as exc:
         raise StorageError(f"cannot open SQLite storage {path}: {exc}") from None
+
+
+def truncate_wal(path: Path) -> bool:
+    """Copy the write-ahead log into the database and cut it to zero bytes; True if done.
+
+    On a full disk the log is what grows, and it holds many copies of the same pages: giving
+    its space back lets the small writes that follow (a trial marked failed) succeed. It can
+    fail for the same reason (the database itself must grow) or wait on another process's
+    transaction: then nothing changed.
+    """
+    try:
+        with contextlib.closing(sqlite3.connect(path, timeout=CHECKPOINT_TIMEOUT_S)) as conn:
+            busy, _, _ = conn.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchone()
+    except sqlite3.Error:
+        return False  # full even for the checkpoint, or locked: the caller's error stands
+    return busy == 0
+
+
+def relieve_full_disk(path: Path, error: BaseException) -> bool:
+    """``optguard.outage.Outage``'s ``relieve`` for a SQLite file: on "database or disk is
+    full", give the write-ahead log's space back, so that the trials the error interrupts can
+    still be marked failed; True if it did."""
+    from optguard.outage import causes
+
+    if not any("database or disk is full" in str(e) for e in causes(error)):
+        return False
+    return truncate_wal(path)
 
 
 def in_transaction() -> bool:

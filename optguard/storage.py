@@ -9,12 +9,14 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import functools
 import zlib
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Iterator
+from typing import TYPE_CHECKING, Any, Callable, Iterator
 
 from optguard.errors import StorageError, StorageURLError, UsageError
-from optguard.sqlite import BUSY_TIMEOUT_S, install_events, prepare_file
+from optguard.outage import DEFAULT_OUTAGE_S, Outage, describe, is_transient, outage_of
+from optguard.sqlite import BUSY_TIMEOUT_S, install_events, prepare_file, relieve_full_disk
 from optguard.urls import DEFAULT_DB, mask_url, redact, resolve_url, sqlite_path
 
 if TYPE_CHECKING:
@@ -22,6 +24,7 @@ if TYPE_CHECKING:
 
 __all__ = [
     "DEFAULT_DB",
+    "DEFAULT_OUTAGE_S",
     "resolve_url",
     "mask_url",
     "redact",
@@ -31,6 +34,118 @@ __all__ = [
     "set_trial_user_attrs",
 ]
 
+LOCK_SUFFIX = ".optguard-lock"  # beside a SQLite file: trial slots and schema creation
+PG_CONNECT_TIMEOUT_S = 10  # psycopg waits for ever by default; PyMySQL's default is 10 s
+
+# The RDBStorage methods that open their own session: what Optuna, its cache, the worker and
+# the supervisor call. Those calling one of these (create_new_trial, get_all_trials...) are
+# covered through it.
+_RETRIED = (
+    "create_new_study", "delete_study", "set_study_user_attr", "set_study_system_attr",
+    "get_study_id_from_name", "get_study_name_from_id", "get_study_directions",
+    "get_study_user_attrs", "get_study_system_attrs", "get_trial_user_attrs",
+    "get_trial_system_attrs", "get_all_studies", "_set_trial_param",
+    "get_trial_param", "set_trial_intermediate_value", "set_trial_user_attr",
+    "set_trial_system_attr", "get_trial_id_from_study_id_trial_number", "get_trial",
+    "_get_trials", "_get_best_trial_id", "record_heartbeat", "_get_stale_trial_ids",
+)  # fmt: skip
+
+
+def _retried(method: Callable[..., Any]) -> Callable[..., Any]:
+    """``method`` retried through an outage by the storage's ``Outage``; when the storage is
+    healthy the cost is this ``try``."""
+
+    @functools.wraps(method)
+    def call(self: Any, *args: Any, **kwargs: Any) -> Any:
+        try:
+            return method(self, *args, **kwargs)
+        except Exception as exc:
+            if not _storage_error(exc):
+                raise
+            return self.outage.recover(exc, lambda: method(self, *args, **kwargs))
+
+    return call
+
+
+def _storage_error(exc: BaseException) -> bool:
+    from optguard.outage import is_storage_error
+
+    return is_storage_error(exc)
+
+
+@functools.cache
+def _outage_storage_class() -> type:
+    """``RDBStorage`` whose calls ride out an outage (``optguard.outage``); built on first
+    use so that importing optguard does not import Optuna."""
+    from optuna.exceptions import UpdateFinishedTrialError
+    from optuna.storages import RDBStorage
+    from optuna.trial import TrialState
+
+    class OutageRidingStorage(RDBStorage):  # type: ignore[misc]
+        outage: Outage
+
+        def __init__(self, url: str, *, outage_s: float, **kwargs: Any) -> None:
+            path = sqlite_path(url)
+            relieve = None if path is None else functools.partial(relieve_full_disk, path)
+            self.outage = Outage(url, outage_s, relieve)
+            super().__init__(url, **kwargs)
+
+        def set_trial_state_values(
+            self, trial_id: int, state: TrialState, values: Any = None
+        ) -> bool:
+            """A retry that finds the trial already in the finished ``state`` it was to be
+            set to is done: the attempt that lost its connection had committed."""
+            set_state = RDBStorage.set_trial_state_values
+
+            def again() -> bool:
+                try:
+                    return set_state(self, trial_id, state, values)
+                except UpdateFinishedTrialError:
+                    if state.is_finished() and RDBStorage.get_trial(self, trial_id).state == state:
+                        return True
+                    raise
+
+            try:
+                return set_state(self, trial_id, state, values)
+            except Exception as exc:
+                if not _storage_error(exc):
+                    raise
+                return self.outage.recover(exc, again)
+
+        def _create_new_trial(self, study_id: int, template_trial: Any = None) -> Any:
+            """Optuna's, in one attempt: its own loop would repeat a creation whose commit went
+            through but whose reply was lost, leaving a duplicate RUNNING trial. Retries come
+            from the outage handling (``TrialSlots.claim`` looks for the trial first)."""
+            return self.outage.call(lambda: self._create_trial_once(study_id, template_trial))
+
+        def _create_trial_once(self, study_id: int, template_trial: Any) -> Any:
+            import copy
+
+            from optuna.storages._rdb import models
+            from optuna.storages._rdb.storage import _create_scoped_session
+            from optuna.trial import FrozenTrial
+
+            with _create_scoped_session(self.scoped_session) as session:
+                # the study row's lock orders the trial numbers, as in Optuna
+                models.StudyModel.find_or_raise_by_id(study_id, session, for_update=True)
+                row = self._get_prepared_new_trial(study_id, template_trial, session)
+                if template_trial is not None:
+                    frozen = copy.deepcopy(template_trial)
+                    frozen.number = row.number
+                    frozen.datetime_start = row.datetime_start
+                    frozen._trial_id = row.trial_id
+                    return frozen
+                return FrozenTrial(
+                    number=row.number, state=row.state, value=None, values=None,
+                    datetime_start=row.datetime_start, datetime_complete=None, params={},
+                    distributions={}, user_attrs={}, system_attrs={}, intermediate_values={},
+                    trial_id=row.trial_id,
+                )  # fmt: skip
+
+    for name in _RETRIED:
+        setattr(OutageRidingStorage, name, _retried(getattr(RDBStorage, name)))
+    return OutageRidingStorage
+
 
 def open_storage(
     url: str,
@@ -38,58 +153,132 @@ def open_storage(
     create_schema: bool = False,
     heartbeat_s: float | None = None,
     queue_writes: bool = False,
+    outage_s: float | None = DEFAULT_OUTAGE_S,
 ) -> "optuna.storages.RDBStorage":
-    """Open the RDB storage; ``create_schema`` is for the one process that sets it up.
+    """Open the RDB storage; ``create_schema`` is for the processes that set it up.
 
     ``heartbeat_s`` turns on Optuna's RDB heartbeat (for the supervisor, which beats for its
     workers' trials and reaps other hosts' stale ones); a trial is stale after 4 intervals.
     ``queue_writes`` (workers, on SQLite) queues transactions on a lock file: see
-    ``optguard.sqlite``.
+    ``optguard.sqlite``. Calls on the storage ride out an outage of up to ``outage_s``, then
+    raise ``StorageError`` with the driver's cause, as does any other driver error; ``None``
+    gives Optuna's plain storage and errors. Opening it is not retried: a storage that is
+    unreachable at start is more likely a wrong URL than an outage.
     """
     import warnings
 
     import optuna
     import sqlalchemy.exc
+    from optuna.exceptions import StorageInternalError
 
     path = sqlite_path(url)
     engine_kwargs: dict[str, Any] = {"pool_pre_ping": True}
     if path is not None:
-        if create_schema:
-            prepare_file(path)
+        if create_schema and not path.parent.is_dir():
+            raise StorageError(f"cannot create SQLite storage {path}: directory does not exist")
         engine_kwargs = {"connect_args": {"timeout": BUSY_TIMEOUT_S}}
+    elif url.startswith("postgresql") and "connect_timeout" not in url:
+        engine_kwargs["connect_args"] = {"connect_timeout": PG_CONNECT_TIMEOUT_S}
+    connect_args = engine_kwargs.get("connect_args", {})
     beat = None if heartbeat_s is None else max(1, round(heartbeat_s))
+    kwargs: dict[str, Any] = {
+        "engine_kwargs": engine_kwargs,
+        "skip_table_creation": not create_schema,
+        "heartbeat_interval": beat,
+        "grace_period": None if beat is None else 4 * beat,
+    }
+    if outage_s is None:
+        cls: Any = optuna.storages.RDBStorage
+    else:
+        cls, kwargs["outage_s"] = _outage_storage_class(), outage_s
     try:
-        with warnings.catch_warnings():
+        with warnings.catch_warnings(), _schema_lock(url, path, create_schema, connect_args):
             # heartbeat_interval is "experimental" in Optuna 5: a warning users cannot act on
             warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-            storage = optuna.storages.RDBStorage(
-                url,
-                engine_kwargs=engine_kwargs,
-                skip_table_creation=not create_schema,
-                heartbeat_interval=beat,
-                grace_period=None if beat is None else 4 * beat,
-            )
+            if create_schema and path is not None:
+                prepare_file(path)
+            storage = cls(url, **kwargs)
     except ImportError as exc:
         raise StorageURLError(f"no database driver for {mask_url(url)}: {exc}") from None
-    except sqlalchemy.exc.SQLAlchemyError as exc:
-        detail = str(getattr(exc, "orig", None) or exc).strip().splitlines()
-        reason = redact(detail[0] if detail else type(exc).__name__, url)
-        raise StorageError(f"cannot connect to storage {mask_url(url)}: {reason}") from None
+    except (sqlalchemy.exc.SQLAlchemyError, StorageInternalError) as exc:
+        raise StorageError(
+            f"cannot connect to storage {mask_url(url)}: {describe(exc, url)}"
+        ) from None
     if path is not None:
         install_events(storage.engine, path, queue=queue_writes)
     return storage
 
 
-def open_existing_study(study: str, storage_url: str | None) -> tuple[str, Any, int]:
+@contextlib.contextmanager
+def _schema_lock(
+    url: str, path: Path | None, create_schema: bool, connect_args: dict[str, Any]
+) -> Iterator[None]:
+    """Creating the tables and version rows, one process at a time.
+
+    Optuna checks for each table, then creates it: two first starts on an empty database
+    both create, and one fails ("duplicate key", "Table 'studies' already exists"). An
+    ``flock`` beside a SQLite file; a server lock on PostgreSQL and MySQL, on a connection of
+    its own that is closed afterwards.
+    """
+    if not create_schema:
+        yield
+        return
+    if path is not None:
+        with Path(str(path) + LOCK_SUFFIX).open("a") as fh:
+            fcntl.flock(fh, fcntl.LOCK_EX)
+            yield  # closing the file releases the lock
+        return
+    import sqlalchemy
+    from sqlalchemy.pool import NullPool
+
+    engine = sqlalchemy.create_engine(url, poolclass=NullPool, connect_args=connect_args)
+    try:
+        with engine.connect() as conn:
+            release = _take_server_lock(conn, f"optguard-schema:{engine.url.database}")
+            try:
+                yield
+            finally:
+                with contextlib.suppress(sqlalchemy.exc.SQLAlchemyError):
+                    # a connection lost meanwhile took its lock with it
+                    conn.execute(release)
+                    conn.commit()
+    finally:
+        engine.dispose()
+
+
+def _take_server_lock(conn: Any, key: str) -> Any:
+    """Wait for the server lock ``key`` on ``conn`` (PostgreSQL advisory lock, MySQL
+    ``GET_LOCK``); returns the statement that releases it. Both die with the session."""
+    from sqlalchemy import text
+
+    if conn.dialect.name == "postgresql":
+        number = zlib.crc32(key.encode())
+        acquire = text("SELECT pg_advisory_lock(:k)").bindparams(k=number)
+        release = text("SELECT pg_advisory_unlock(:k)").bindparams(k=number)
+    else:
+        # MariaDB reads a negative timeout as zero: wait in bounded steps instead.
+        acquire = text("SELECT GET_LOCK(:k, 60)").bindparams(k=key[:64])
+        release = text("SELECT RELEASE_LOCK(:k)").bindparams(k=key[:64])
+    while conn.execute(acquire).scalar() == 0:  # 0: timed out, try again
+        conn.commit()
+    conn.commit()
+    return release
+
+
+def open_existing_study(
+    study: str, storage_url: str | None, outage_s: float | None = None
+) -> tuple[str, Any, int]:
     """``(url, storage, study_id)`` of a study that must already exist (stop, cancel, report).
 
     Raises ``UsageError`` naming the study otherwise, and never creates an empty SQLite file.
+    ``outage_s`` as in ``open_storage``; by default Optuna's plain storage (the monitor
+    handles its errors itself and must not wait through an outage).
     """
     url = resolve_url(storage_url)
     path = sqlite_path(url)
     if path is not None and not path.is_file():
         raise UsageError(f"no study named {study!r}: storage file {path} does not exist")
-    storage = open_storage(url)
+    storage = open_storage(url, outage_s=outage_s)
     try:
         return url, storage, storage.get_study_id_from_name(study)
     except KeyError:
@@ -99,7 +288,8 @@ def open_existing_study(study: str, storage_url: str | None) -> tuple[str, Any, 
 def set_trial_user_attrs(
     storage: "optuna.storages.RDBStorage", trial_id: int, attrs: dict[str, Any]
 ) -> None:
-    """Several user attributes of a running trial in one transaction.
+    """Several user attributes of a running trial in one transaction, retried through an
+    outage (an upsert: a retry of a write that had committed changes nothing).
 
     ``trial.set_user_attr`` commits once per key; a worker records up to nine keys per trial,
     and on SQLite each commit takes the database's one write lock. Optuna has no public batch
@@ -110,11 +300,14 @@ def set_trial_user_attrs(
     from optuna.storages._rdb import models
     from optuna.storages._rdb.storage import _create_scoped_session
 
-    with _create_scoped_session(storage.scoped_session, True) as session:
-        for key, value in attrs.items():
-            storage._set_trial_attr_without_commit(
-                session, models.TrialUserAttributeModel, trial_id, key, value
-            )
+    def write() -> None:
+        with _create_scoped_session(storage.scoped_session, True) as session:
+            for key, value in attrs.items():
+                storage._set_trial_attr_without_commit(
+                    session, models.TrialUserAttributeModel, trial_id, key, value
+                )
+
+    outage_of(storage).call(write)
 
 
 class TrialSlots:
@@ -122,12 +315,14 @@ class TrialSlots:
 
     Counting finished plus running trials and creating the next one happen under one lock
     (a file lock beside a SQLite file, an advisory lock on PostgreSQL and MySQL), so N
-    workers never overshoot ``n_trials`` however they race.
+    workers never overshoot ``n_trials`` however they race. A server lock dies with its
+    connection, so after an outage a claim starts over from the lock, on a new connection.
     """
 
     def __init__(self, storage: "optuna.storages.RDBStorage", study_name: str) -> None:
         self._storage = storage
         self._study_name = study_name
+        self._outage = outage_of(storage)
         self._study_id = storage.get_study_id_from_name(study_name)
         self._backend = storage.engine.dialect.name
         self._conn: Any = None
@@ -156,19 +351,19 @@ class TrialSlots:
         stmt = (
             select(func.count())
             .select_from(models.TrialModel)
-            .where(models.TrialModel.study_id == self._study_id, models.TrialModel.state.in_(states))
+            .where(models.TrialModel.study_id == self._study_id)
+            .where(models.TrialModel.state.in_(states))
         )
         with self._storage.engine.connect() as conn:
             return int(conn.execute(stmt).scalar_one())
 
     @contextlib.contextmanager
     def lock(self) -> Iterator[None]:
-        from sqlalchemy import text
+        import sqlalchemy.exc
 
-        key = f"optguard:{self._study_name}"
         if self._backend == "sqlite":
             if self._lock_file is None:
-                path = Path(str(self._storage.engine.url.database) + ".optguard-lock")
+                path = Path(str(self._storage.engine.url.database) + LOCK_SUFFIX)
                 self._lock_file = path.open("a")
             fcntl.flock(self._lock_file, fcntl.LOCK_EX)
             try:
@@ -176,23 +371,32 @@ class TrialSlots:
             finally:
                 fcntl.flock(self._lock_file, fcntl.LOCK_UN)
             return
-        if self._conn is None:
-            self._conn = self._storage.engine.connect()
-        if self._backend == "postgresql":
-            acquire = text("SELECT pg_advisory_lock(:k)").bindparams(k=zlib.crc32(key.encode()))
-            release = text("SELECT pg_advisory_unlock(:k)").bindparams(k=zlib.crc32(key.encode()))
-        else:
-            # MariaDB reads a negative timeout as zero: wait in bounded steps instead.
-            acquire = text("SELECT GET_LOCK(:k, 60)").bindparams(k=key[:64])
-            release = text("SELECT RELEASE_LOCK(:k)").bindparams(k=key[:64])
-        while self._conn.execute(acquire).scalar() == 0:  # 0: timed out, try again
-            self._conn.commit()
-        self._conn.commit()
+        release = self._outage.call(self._acquire, on_retry=self._drop_connection)
         try:
             yield
         finally:
-            self._conn.execute(release)
-            self._conn.commit()
+            try:
+                self._conn.execute(release)
+                self._conn.commit()
+            except sqlalchemy.exc.SQLAlchemyError as exc:
+                if not is_transient(exc):
+                    raise
+                self._drop_connection()  # the lock died with the lost session
+
+    def _acquire(self) -> Any:
+        if self._conn is None:
+            self._conn = self._storage.engine.connect()
+        return _take_server_lock(self._conn, f"optguard:{self._study_name}")
+
+    def _drop_connection(self) -> None:
+        """Forget the lock connection (dead after an outage); the next lock opens another."""
+        import sqlalchemy.exc
+
+        conn, self._conn = self._conn, None
+        if conn is not None:
+            with contextlib.suppress(sqlalchemy.exc.SQLAlchemyError):
+                conn.invalidate()  # not back to the pool: its session is gone
+                conn.close()
 
     def claim(
         self, study: "optuna.Study", n_trials: int | None, owner: dict[str, Any]
@@ -201,21 +405,62 @@ class TrialSlots:
         transaction (``optguard.ownership``), or ``None`` once the study has ``n_trials``.
 
         An enqueued trial (a retry) still runs after the total is reached: it was owed to a
-        configuration that an interruption took away.
+        configuration that an interruption took away. Through an outage the whole claim is
+        retried, lock included; a retry first looks for a trial an attempt that lost its
+        connection had created for ``owner`` after all.
         """
+        attempts = 0
+
+        def attempt() -> "optuna.trial.Trial | None":
+            nonlocal attempts
+            attempts += 1
+            with self._outage.suspended():
+                return self._claim_once(study, n_trials, owner, attempts > 1)
+
+        return self._outage.call(attempt, on_retry=self._drop_connection)
+
+    def _claim_once(
+        self,
+        study: "optuna.Study",
+        n_trials: int | None,
+        owner: dict[str, Any],
+        retried: bool,
+    ) -> "optuna.trial.Trial | None":
         from optguard.ownership import ask_owned
 
-        if n_trials is None:
-            return ask_owned(study, owner)
-        with self.lock():
-            if self.count() >= n_trials and not self.count(waiting=True):
+        with self.lock() if n_trials is not None else contextlib.nullcontext():
+            found = self._running_for(study, owner) if retried else None
+            if found is not None:
+                return found
+            if n_trials is not None and self.count() >= n_trials and not self.count(waiting=True):
                 return None
             return ask_owned(study, owner)
 
+    @staticmethod
+    def _running_for(study: "optuna.Study", owner: dict[str, Any]) -> "optuna.trial.Trial | None":
+        """A RUNNING trial with exactly ``owner``'s attributes: a worker claims its next trial
+        only once its last one is finished, so such a trial is one a lost attempt created.
+        Read through the study's cached storage, which must know the trial."""
+        import optuna
+        from optuna.trial import TrialState
+
+        if not owner:
+            return None
+        running = study._storage.get_all_trials(
+            study._study_id, deepcopy=False, states=(TrialState.RUNNING,)
+        )
+        for trial in running:
+            if all(trial.user_attrs.get(key) == value for key, value in owner.items()):
+                return optuna.Trial(study, trial._trial_id)
+        return None
+
     def close(self) -> None:
-        if self._conn is not None:
-            self._conn.close()
-            self._conn = None
+        import sqlalchemy.exc
+
+        conn, self._conn = self._conn, None
+        if conn is not None:
+            with contextlib.suppress(sqlalchemy.exc.SQLAlchemyError):
+                conn.close()  # a connection the storage lost has nothing left to give back
         if self._lock_file is not None:
             self._lock_file.close()
             self._lock_file = None

@@ -34,7 +34,7 @@ from optguard.checkpointing import (
 from optguard.cleanup import release_memory
 from optguard.config import RunOptions
 from optguard.control import read_request, set_request
-from optguard.errors import OptguardError
+from optguard.errors import OptguardError, StorageError
 from optguard.guard import GuardPruned, TrialGuard, Violation
 from optguard.limits import format_gb
 from optguard.logs import set_trial, worker_log_path, worker_logger
@@ -50,6 +50,7 @@ from optguard.storage import (
     set_trial_user_attrs,
 )
 from optguard.study import make_pruner, make_sampler
+from optguard.threads import available_cpus, worker_summary
 
 __all__ = ["run_worker", "WorkerIdentity", "ATTR_PREFIX", "START_FAILURE", "EXIT_RECYCLE"]
 
@@ -314,6 +315,8 @@ class _TrialRunner:
             error = f"objective called sys.exit({exc.code!r})"
         except KeyboardInterrupt:
             error = "interrupted by Ctrl+C"
+        except StorageError:
+            raise  # the storage refused, or stayed down past --storage-outage: not the objective's bug
         except Exception as exc:  # the objective's own bug: the trial fails, the worker goes on
             error = error_line(exc)
             for line in traceback.format_exc().rstrip().splitlines():
@@ -443,7 +446,7 @@ class _TrialRunner:
 
 
 def _open_study(opts: RunOptions, url: str) -> tuple[optuna.Study, TrialSlots]:
-    storage = open_storage(url, queue_writes=True)
+    storage = open_storage(url, queue_writes=True, outage_s=opts.storage_outage_s)
     study = optuna.create_study(
         study_name=opts.study,
         storage=storage,
@@ -491,8 +494,11 @@ def run_worker(opts: RunOptions, index: int = 0) -> int:
     optuna_logger = logging.getLogger("optuna")
     optuna_logger.setLevel(logging.WARNING)
     optuna_logger.propagate = False
+    outage_logger = logging.getLogger("optguard.outage")  # "unreachable ... retrying"
+    outage_logger.propagate = False
     for handler in log.handlers:
         optuna_logger.addHandler(handler)  # Optuna's own warnings land in the same file
+        outage_logger.addHandler(handler)
     optuna.logging.disable_default_handler()
     supervised = _Supervised()
     supervised.install()
@@ -500,12 +506,13 @@ def run_worker(opts: RunOptions, index: int = 0) -> int:
     url = resolve_url(opts.storage or piped)
     limits = opts.limits
     log.info(
-        "Worker started: study=%s storage=%s host=%s timeout=%ss max_rss=%s",
+        "Worker started: study=%s storage=%s host=%s timeout=%ss max_rss=%s %s",
         opts.study,
         mask_url(url),
         identity.host,
         limits.timeout_s,
         format_gb(limits.max_rss_bytes or 0),
+        worker_summary(os.environ, available_cpus()),
     )
     try:
         check_sampler(opts.sampler)  # a worker started by hand or a scheduler: no preflight
@@ -543,6 +550,10 @@ def run_worker(opts: RunOptions, index: int = 0) -> int:
                 log.info("Recycling worker after %s", recycle)
                 code = EXIT_RECYCLE
                 break
+    except StorageError as exc:
+        log.error("Storage error: %s", exc)
+        supervised.report("storage_error", message=str(exc))  # the pipe works on a full disk
+        raise
     finally:
         slots.close()
     # Nothing left to record: a SIGTERM (the supervisor ending a worker that lingers in a

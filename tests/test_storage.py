@@ -1,23 +1,32 @@
-"""The SQLite write lock that orders the workers' transactions: never left held."""
+"""The SQLite write lock that orders the workers' transactions: never left held. Storage
+errors: an outage told from a refusal, retried up to a bound, named by the driver's cause."""
 
 from __future__ import annotations
 
 import fcntl
 import signal
+import sqlite3
 import subprocess
 import sys
 import time
 from pathlib import Path
 
 import optuna
+import psycopg
+import pymysql
 import pytest
+import sqlalchemy.exc
 from conftest import sqlite_url
+from optuna.exceptions import StorageInternalError
+from optuna.trial import TrialState
 from sqlalchemy import text
 
+from optguard.errors import StorageError
 from optguard.guard import GuardPruned, TrialGuard
 from optguard.limits import Limits
-from optguard.sqlite import in_transaction
-from optguard.storage import open_storage
+from optguard.outage import Outage, describe, is_transient
+from optguard.sqlite import in_transaction, relieve_full_disk
+from optguard.storage import TrialSlots, open_storage
 from optguard.worker import _Supervised
 
 HOLD = """
@@ -88,6 +97,7 @@ def test_a_worker_interrupt_waits_while_its_transaction_is_open(tmp_path: Path) 
     storage = _storage(tmp_path)
     trial = optuna.load_study(study_name="s", storage=storage).ask()
     supervised = _Supervised()
+    supervised.ready = True  # before it is ready, a worker's SIGTERM leaves at once
     supervised.begin(TrialGuard(trial, Limits()))
     supervised.in_objective = True
     conn = storage.engine.connect()
@@ -100,3 +110,192 @@ def test_a_worker_interrupt_waits_while_its_transaction_is_open(tmp_path: Path) 
     with pytest.raises(GuardPruned):
         supervised._on_term(signal.SIGTERM, None)
     assert _lock_is_free(tmp_path / "optguard.db")
+
+
+# -- storage errors: optguard.outage ----------------------------------------------------------
+
+
+def _as_optuna_raises(orig: BaseException, params: object = None) -> BaseException:
+    """``orig`` as a failed commit reaches optguard: SQLAlchemy's error, under Optuna's."""
+    wrapped = sqlalchemy.exc.OperationalError("UPDATE trials SET ...", params, orig)  # type: ignore[arg-type]
+    outer = StorageInternalError(
+        "An exception is raised during the commit. This typically happens due to invalid data "
+        "in the commit, e.g. exceeding max length. "
+    )
+    outer.__cause__ = wrapped
+    return outer
+
+
+TRANSIENT_CASES = [
+    (psycopg.OperationalError(
+        'connection failed: connection to server at "127.0.0.1", port 5 failed: '
+        "Connection refused\n\tIs the server running on that host?"), True),
+    (psycopg.OperationalError(
+        "consuming input failed: terminating connection due to administrator command"), True),
+    (psycopg.OperationalError("server closed the connection unexpectedly"), True),
+    (psycopg.OperationalError("FATAL: the database system is shutting down"), True),
+    (psycopg.OperationalError("the connection is closed"), True),
+    (pymysql.err.OperationalError(2006, "MySQL server has gone away"), True),
+    (pymysql.err.OperationalError(2013, "Lost connection to MySQL server during query"), True),
+    (pymysql.err.OperationalError(
+        2003, "Can't connect to MySQL server on '127.0.0.1' ([Errno 111] Connection refused)"),
+     True),
+    (pymysql.err.OperationalError(1213, "Deadlock found when trying to get lock"), True),
+    (sqlite3.OperationalError("database or disk is full"), False),
+    (sqlite3.DatabaseError("file is not a database"), False),
+    (sqlite3.OperationalError("database is locked"), False),  # the busy timeout already waited
+    (sqlite3.IntegrityError("UNIQUE constraint failed: studies.study_name"), False),
+    (psycopg.errors.UniqueViolation("duplicate key value violates unique constraint"), False),
+    (psycopg.OperationalError('database "nope" does not exist'), False),
+    (pymysql.err.OperationalError(1045, "Access denied for user 'u'@'h'"), False),
+    (pymysql.err.OperationalError(1050, "Table 'studies' already exists"), False),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize(("orig", "transient"), TRANSIENT_CASES, ids=lambda c: str(c)[:40])
+def test_an_outage_is_told_from_a_refusal_under_optunas_wrapper(
+    orig: BaseException, transient: bool
+) -> None:
+    assert is_transient(orig) is transient
+    assert is_transient(_as_optuna_raises(orig)) is transient
+
+
+def test_only_the_drivers_words_count_not_the_statements_parameters() -> None:
+    """A user attribute that reads "connection refused" does not make a full disk transient."""
+    full = _as_optuna_raises(sqlite3.OperationalError("database or disk is full"),
+                             {"value_json": '"connection refused"'})  # fmt: skip
+    assert not is_transient(full)
+    invalidated = sqlalchemy.exc.OperationalError(
+        "SELECT 1", None, psycopg.OperationalError(""), connection_invalidated=True
+    )
+    assert is_transient(invalidated)  # SQLAlchemy's dialect saw the disconnect
+
+
+def test_the_cause_is_the_drivers_message_in_one_line_without_password() -> None:
+    url = "postgresql://u:hunter2@db:5432/x"
+    exc = _as_optuna_raises(psycopg.OperationalError(
+        'connection failed: password "hunter2" rejected\n\tIs the server running?'))
+    assert describe(exc, url) == 'connection failed: password "***" rejected Is the server running?'
+
+
+def _failing(errors: list[BaseException]) -> tuple[list[int], object]:
+    calls: list[int] = []
+
+    def fn() -> str:
+        calls.append(1)
+        if errors:
+            raise errors.pop(0)
+        return "done"
+
+    return calls, fn
+
+
+def test_outage_retries_transient_errors_then_gives_up_with_the_cause() -> None:
+    url = "postgresql://u:hunter2@db/x"
+    refused = psycopg.OperationalError("connection failed: Connection refused (hunter2)")
+    calls, fn = _failing([_as_optuna_raises(refused), _as_optuna_raises(refused)])
+    assert Outage(url, 5.0).call(fn) == "done" and len(calls) == 3  # type: ignore[arg-type]
+
+    calls, fn = _failing([_as_optuna_raises(refused)] * 100)
+    start = time.monotonic()
+    with pytest.raises(StorageError) as err:
+        Outage(url, 0.5).call(fn)  # type: ignore[arg-type]
+    assert time.monotonic() - start < 5 and len(calls) >= 2
+    assert str(err.value) == (
+        "storage postgresql://u:***@db/x unreachable for 0.5s: "
+        "connection failed: Connection refused (***)"
+    )
+
+
+def test_outage_raises_a_refusal_at_once_and_lets_other_errors_through() -> None:
+    calls, fn = _failing([_as_optuna_raises(sqlite3.OperationalError("database or disk is full"))])
+    with pytest.raises(StorageError, match=r"^storage sqlite:////x.db: database or disk is full$"):
+        Outage("sqlite:////x.db", 60.0).call(fn)  # type: ignore[arg-type]
+    assert len(calls) == 1
+    calls, fn = _failing([KeyError("no study")])
+    with pytest.raises(KeyError):
+        Outage("sqlite:////x.db", 60.0).call(fn)  # type: ignore[arg-type]
+    outage = Outage("sqlite:////x.db", 60.0)
+    calls, fn = _failing([_as_optuna_raises(psycopg.OperationalError("connection refused"))])
+    with outage.suspended(), pytest.raises(StorageInternalError):
+        outage.call(fn)  # type: ignore[arg-type]  # the caller retries its whole step
+    assert len(calls) == 1
+
+
+def test_poll_keeps_a_loop_going_through_an_outage_until_the_bound() -> None:
+    refused = psycopg.OperationalError("connection refused")
+    outage = Outage("postgresql://db/x", 0.3)
+    calls, fn = _failing([_as_optuna_raises(refused)] * 2)
+    assert outage.poll(fn, "later") == "later"  # type: ignore[arg-type]
+    assert outage.poll(fn, "later") == "later"  # type: ignore[arg-type]
+    assert outage.poll(fn, "later") == "done"  # type: ignore[arg-type]  # back: the clock resets
+    calls, fn = _failing([_as_optuna_raises(refused)] * 100)
+    with pytest.raises(StorageError, match="unreachable for 0.3s: connection refused"):
+        while True:
+            outage.poll(fn, None)  # type: ignore[arg-type]
+            time.sleep(0.05)
+
+
+def test_a_file_that_is_not_a_database_is_named_as_such(tmp_path: Path) -> None:
+    (tmp_path / "optguard.db").write_bytes(b"not sqlite at all " * 100)
+    with pytest.raises(StorageError) as err:
+        open_storage(sqlite_url(tmp_path))
+    assert "file is not a database" in str(err.value)
+    assert "exceeding max length" not in str(err.value)
+
+
+def test_a_full_disk_gets_the_write_ahead_logs_space_back(tmp_path: Path) -> None:
+    """What a refusal for a full disk frees, so that the trials it interrupted can be marked."""
+    storage = _storage(tmp_path)
+    study = optuna.load_study(study_name="s", storage=storage)
+    for _ in range(20):
+        study.tell(study.ask(), 1.0)
+    wal = tmp_path / "optguard.db-wal"
+    assert wal.stat().st_size > 0
+    assert not relieve_full_disk(tmp_path / "optguard.db", sqlite3.OperationalError("locked"))
+    assert wal.stat().st_size > 0
+    full = _as_optuna_raises(sqlite3.OperationalError("database or disk is full"))
+    assert relieve_full_disk(tmp_path / "optguard.db", full)
+    assert wal.stat().st_size == 0
+    assert len(study.get_trials()) == 20  # all in the database file now
+
+
+def _lose_commit_reply(storage: optuna.storages.RDBStorage, trials_above: int = -1) -> None:
+    """The next commit (with more than ``trials_above`` trials in the file) goes through, then
+    the driver reports an error, as when a server's reply is lost with its connection (SQLite
+    has no such error: a server's words stand in)."""
+    dialect = storage.engine.dialect
+    commit = dialect.do_commit
+
+    def do_commit(dbapi_connection: sqlite3.Connection) -> None:
+        commit(dbapi_connection)
+        (trials,) = dbapi_connection.execute("SELECT count(*) FROM trials").fetchone()
+        if trials > trials_above:
+            dialect.do_commit = commit  # type: ignore[method-assign]
+            raise sqlite3.OperationalError("server closed the connection unexpectedly")
+
+    dialect.do_commit = do_commit  # type: ignore[method-assign]
+
+
+def test_a_retried_finish_whose_commit_went_through_counts_as_done(tmp_path: Path) -> None:
+    storage = _storage(tmp_path)
+    study = optuna.load_study(study_name="s", storage=storage)
+    trial = study.ask()
+    _lose_commit_reply(storage)
+    assert storage.set_trial_state_values(trial._trial_id, TrialState.COMPLETE, [1.5]) is True
+    (done,) = study.get_trials()
+    assert done.state == TrialState.COMPLETE and done.value == 1.5
+
+
+def test_a_claim_whose_commit_reply_was_lost_is_not_created_twice(tmp_path: Path) -> None:
+    storage = _storage(tmp_path)
+    study = optuna.load_study(study_name="s", storage=storage)
+    slots = TrialSlots(storage, "s")
+    owner = {"optguard.worker": "host:1"}
+    _lose_commit_reply(storage, trials_above=0)  # the commit that creates the trial
+    trial = slots.claim(study, 5, owner)
+    assert trial is not None
+    (only,) = storage.get_all_trials(study._study_id)
+    assert only.number == trial.number and only.state == TrialState.RUNNING
+    assert only.user_attrs == owner
+    slots.close()

@@ -43,6 +43,7 @@ from optguard.errors import (
     WorkerStartError,
 )
 from optguard.guard import REASON_MEMORY, REASON_SYSTEM_MEMORY, Violation
+from optguard.outage import outage_of
 from optguard.preflight import check_run_inputs
 from optguard.progress import Progress, read_progress
 from optguard.recovery import Recovery, reap_stale, recover
@@ -111,7 +112,9 @@ def prepare_study(opts: RunOptions) -> tuple[str, Any, Any, int, Recovery, bool]
     import sqlalchemy.exc
 
     url = resolve_url(opts.storage)
-    storage = open_storage(url, create_schema=True, heartbeat_s=opts.heartbeat_s)
+    storage = open_storage(
+        url, create_schema=True, heartbeat_s=opts.heartbeat_s, outage_s=opts.storage_outage_s
+    )
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     try:
         storage.get_study_id_from_name(opts.study)
@@ -243,6 +246,8 @@ class _Supervisor:
                 self.trial_ended(worker, ended)
             elif kind == "exiting":
                 worker.exiting_at = now
+            elif kind == "storage_error":
+                worker.storage_error = str(event.get("message") or "storage error")
             elif kind == "study_stop":
                 self.end_on_purpose(f"trial #{event.get('trial')} called study.stop()")
 
@@ -527,7 +532,9 @@ class _Supervisor:
             ):
                 line = f"Trial #{number} failed: {reason} ({detail})"
                 self._log(worker, logging.ERROR, number, line)
-            if stopping:
+            if worker.storage_error is not None and self.fatal is None:
+                self.fatal = StorageError(worker.storage_error)  # past --storage-outage
+            if stopping or self.fatal is not None:
                 return
             self.deaths += 1
             self._log(worker, logging.ERROR, None, f"Worker died: {how}; starting a replacement")
@@ -602,8 +609,8 @@ class _Supervisor:
         if now - self.requests_at > REQUESTS_EVERY_S:
             self.requests_at = now
             if self.opts.patience is not None and not self.draining:
-                self.check_plateau()
-            action = read_request(self.storage, self.study_id)
+                self.outage.poll(self.check_plateau, None)
+            action = self.outage.poll(lambda: read_request(self.storage, self.study_id), None)
             if action == "stop" and not self.draining:
                 self.stop("optguard stop: no new trials, running trials finish")
             elif action == "cancel" and not self.cancelling:
@@ -666,6 +673,9 @@ class _Supervisor:
         self.url, self.storage, self.study, self.study_id, recovery, created = prepare_study(
             self.opts
         )
+        # The loop's own storage calls: skipped during an outage (limits are still enforced),
+        # StorageError once it has lasted --storage-outage.
+        self.outage = outage_of(self.storage)
         if self.on_recovery is not None:
             self.on_recovery(recovery)
         proctree.become_subreaper()
@@ -689,6 +699,8 @@ class _Supervisor:
             if keeper.stdin is not None:
                 keeper.stdin.close()  # the keeper sweeps what is left of this run, then exits
             keeper.wait()
+        if isinstance(self.fatal, StorageError):
+            self.fail_own_trials()
         if self.fatal is not None:
             if created and isinstance(self.fatal, UsageError) and not self.limits_written:
                 self.storage.delete_study(self.study_id)  # no trial ran: as if never started
@@ -713,11 +725,34 @@ class _Supervisor:
                 raise error
         return result
 
+    def read_progress(self) -> Progress:
+        return read_progress(self.storage, self.study_id)
+
     def has_work(self) -> bool:
         """Whether this host should run workers: trials are missing or retries wait."""
         n = self.opts.n_trials
         waiting = self.progress.states.get("WAITING", 0)
         return n is None or waiting > 0 or self.progress.finished + self.progress.running < n
+
+    def fail_own_trials(self) -> None:
+        """After a storage error: one last try to FAIL the trials this run's workers left
+        RUNNING (a full disk may take these small writes once the log was emptied)."""
+        from optuna.exceptions import UpdateFinishedTrialError
+        from optuna.trial import TrialState
+
+        from optguard.storage import set_trial_user_attrs
+
+        tags = {w.tag for w in self.by_uid.values()}
+        attrs = {ATTR_PREFIX + "reason": "interrupted", ATTR_PREFIX + "error": str(self.fatal)}
+        try:
+            for trial in self.storage.get_all_trials(
+                self.study_id, deepcopy=False, states=(TrialState.RUNNING,)
+            ):
+                if trial.user_attrs.get(ATTR_PREFIX + "worker") in tags:
+                    set_trial_user_attrs(self.storage, trial._trial_id, attrs)
+                    self.storage.set_trial_state_values(trial._trial_id, TrialState.FAIL)
+        except (StorageError, UpdateFinishedTrialError):
+            pass  # deliberately best effort: a restart reaps what is left RUNNING
 
     def shutdown(self) -> None:
         """The storage is gone for good: end the workers without recording anything."""
@@ -736,7 +771,7 @@ class _Supervisor:
             return True
         if now - self.progress_at > PROGRESS_EVERY_S:
             self.progress_at = now
-            self.progress = read_progress(self.storage, self.study_id)
+            self.progress = self.outage.poll(self.read_progress, self.progress)
         if self.progress.states.get("WAITING", 0) > 0:
             for index in range(self.opts.workers):
                 self.spawn(index)
@@ -770,10 +805,10 @@ class _Supervisor:
             self.list_trees(now)
             if now - self.heartbeat_at > self.opts.heartbeat_s:
                 self.heartbeat_at = now
-                self.heartbeat()
+                self.outage.poll(self.heartbeat, None)
             if self.on_progress and now - self.progress_at > PROGRESS_EVERY_S:
                 self.progress_at = now
-                self.progress = read_progress(self.storage, self.study_id)
+                self.progress = self.outage.poll(self.read_progress, self.progress)
                 self.on_progress(self.progress)
             time.sleep(POLL_S)
 

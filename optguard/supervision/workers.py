@@ -52,6 +52,7 @@ class Worker:
     ending: str | None = None  # why optguard ends it (not for a trial): stop, cancel, ...
     ending_at: float = 0.0
     sent: str | None = None  # optguard's own SIGKILL, in words, for the exit description
+    storage_error: str | None = None  # why it gave up on the storage (past --storage-outage)
 
     @property
     def tag(self) -> str:

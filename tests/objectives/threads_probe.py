@@ -1,0 +1,25 @@
+"""Records what a worker sees: its thread variable, its cores and its pid.
+
+At import (every worker imports it, trial or not) and in each trial, one line in
+``$THREADS_PROBE_DIR/<pid>``: ``OMP_NUM_THREADS ncpus cpus``.
+"""
+
+import os
+from pathlib import Path
+
+import optuna
+
+
+def _record() -> None:
+    cpus = sorted(os.sched_getaffinity(0))
+    line = f"{os.environ.get('OMP_NUM_THREADS')} {len(cpus)} {','.join(map(str, cpus))}\n"
+    with (Path(os.environ["THREADS_PROBE_DIR"]) / str(os.getpid())).open("a") as fh:
+        fh.write(line)
+
+
+_record()
+
+
+def objective(trial: optuna.Trial) -> float:
+    _record()
+    return trial.suggest_float("x", -1.0, 1.0) ** 2
