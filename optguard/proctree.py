@@ -38,6 +38,7 @@ __all__ = [
 _PR_SET_PDEATHSIG = 1
 _PR_SET_CHILD_SUBREAPER = 36
 _PAGE = os.sysconf("SC_PAGE_SIZE")
+STOP_WAIT_S = 0.5  # freeze_peak: how long a SIGSTOP may take to land (a page fault ending)
 
 
 def _prctl(option: int, value: int) -> bool:
@@ -217,7 +218,24 @@ def freeze_peak(pgid: int | None, pids: Iterable[int]) -> int:
         kill_group(pgid, signal.SIGSTOP)
     for pid in pids:
         kill_pid(pid, signal.SIGSTOP)
+    # SIGSTOP takes effect when the process next leaves the kernel: a page fault in progress
+    # completes first. Read only once each process is stopped (or gone).
+    deadline = time.monotonic() + STOP_WAIT_S
+    waiting = list(pids)
+    while waiting and time.monotonic() < deadline:
+        waiting = [pid for pid in waiting if _state(pid) not in (b"T", b"t", b"Z", b"X", b"")]
+        if waiting:
+            time.sleep(0.001)
     return sum(_status_kb(pid, b"VmHWM", b"VmRSS") for pid in pids)
+
+
+def _state(pid: int) -> bytes:
+    """The one-letter state of ``pid`` from ``/proc/<pid>/stat``; empty when it is gone."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as fh:
+            return fh.read().rsplit(b")", 1)[1].split()[0]
+    except (OSError, IndexError):
+        return b""
 
 
 def has_exited(pid: int) -> bool:

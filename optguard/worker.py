@@ -252,6 +252,7 @@ class _TrialRunner:
         # the objective's own; only processes started during a trial are ended after it.
         self.own_children = {c.pid for c in psutil.Process().children(recursive=True)}
         self.last_final_rss = 0
+        self._announce_study_stop()
         # Where optguard.checkpoints() roots its directories, here and in the trials' children.
         os.environ[CHECKPOINT_DIR_ENV] = str(opts.checkpoint_dir.absolute())
 
@@ -360,6 +361,21 @@ class _TrialRunner:
         set_trial(None)
         return state
 
+    def _announce_study_stop(self) -> None:
+        """Tell the supervisor when ``trial.study.stop()`` is called, not when the trial ends:
+        it stops this host's other workers meanwhile, so none claims a trial after the call."""
+        stop = self.study.stop
+
+        def announcing_stop() -> None:
+            stop()
+            self.supervised.report("study_stop", trial=self.guard_number())
+
+        self.study.stop = announcing_stop  # type: ignore[method-assign]
+
+    def guard_number(self) -> int | None:
+        guard = self.supervised.guard
+        return guard.number if guard is not None else None
+
     def _study_stop(self, number: int) -> None:
         """``trial.study.stop()`` ran in the objective: as under ``study.optimize`` no new
         trial starts, here on every host (the study's stop request, set by the supervisor, or
@@ -367,9 +383,7 @@ class _TrialRunner:
         self.study._stop_flag = False
         self.supervised.stop_reason = f"study.stop() in trial #{number}"
         self.log.info("Trial #%d called study.stop(): no new trials", number)
-        if self.supervised.status_fd is not None:
-            self.supervised.report("study_stop", trial=number)
-        else:
+        if self.supervised.status_fd is None:  # else the supervisor heard it at the call
             set_request(self.storage, self.study._study_id, "stop")
 
     def _emergency_checkpoints(self, number: int) -> None:
