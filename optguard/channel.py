@@ -33,6 +33,7 @@ class LineReader:
     def __init__(self, fd: int) -> None:
         self.fd = fd
         self._buffer = b""
+        self.eof = False  # the writer closed its end: nothing more will come
         os.set_blocking(fd, False)
 
     def read(self) -> list[dict[str, Any]]:
@@ -43,8 +44,10 @@ class LineReader:
             except BlockingIOError:
                 break
             except OSError:
+                self.eof = True
                 break  # the other end is gone; what was read is still returned
             if not chunk:
+                self.eof = True
                 break
             chunks.append(chunk)
         if not chunks:

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import logging
 import os
+import select
 import signal
 import socket
 import time
@@ -810,7 +811,23 @@ class _Supervisor:
                 self.progress_at = now
                 self.progress = self.outage.poll(self.read_progress, self.progress)
                 self.on_progress(self.progress)
-            time.sleep(POLL_S)
+            self.wait_events(POLL_S)
+
+    def wait_events(self, timeout: float) -> None:
+        """Sleep until the next tick, reading status events as they come: a worker's
+        ``study.stop()`` or interrupt acknowledgement is acted on at once, not a tick later."""
+        deadline = time.monotonic() + timeout
+        while True:
+            readers = {w.status.fd: w for w in self.workers.values() if not w.status.eof}
+            left = deadline - time.monotonic()
+            if left <= 0:
+                return
+            if not readers:
+                time.sleep(left)
+                return
+            ready, _, _ = select.select(list(readers), [], [], left)
+            for fd in ready:
+                self.read_status(readers[fd], time.monotonic())
 
 
 def run_study(
