@@ -66,6 +66,11 @@ CheckpointBudgetOpt = typer.Option(
     "get before the worker may be killed. [10s]",
 )
 
+KeepPoolsOpt = typer.Option(
+    None, "--keep-pools/--no-keep-pools", help="Keep the idle workers of a process pool the "
+    "worker still holds (joblib n_jobs, multiprocessing.Pool, persistent DataLoader) for the "
+    "next trials; --no-keep-pools ends every process a trial started and left running. [keep]",
+)
 StorageOutageOpt = typer.Option(
     None, "--storage-outage", help="Ride out a storage outage this long (retries with "
     "backoff), then exit 3 with the driver's cause. [60s]",
@@ -209,6 +214,7 @@ def run(
         None, "--cpu-affinity/--no-cpu-affinity", help="Pin each worker to its own "
         "--threads-per-worker cores (a replacement gets the same ones). [off]",
     ),
+    keep_pools: Optional[bool] = KeepPoolsOpt,
 ) -> None:
     """Run a guarded study with N worker processes on one shared storage."""
     opts = _options(
@@ -220,7 +226,7 @@ def run(
         retry_pruned=retry_pruned, patience=patience, min_delta=min_delta, heartbeat=heartbeat,
         checkpoint_dir=checkpoint_dir, checkpoint_budget=checkpoint_budget,
         start_timeout=start_timeout, fail_fast=fail_fast, storage_outage=storage_outage,
-        threads_per_worker=threads_per_worker, cpu_affinity=cpu_affinity,
+        threads_per_worker=threads_per_worker, cpu_affinity=cpu_affinity, keep_pools=keep_pools,
     )  # fmt: skip
     import os
 
@@ -299,6 +305,7 @@ def worker(
     checkpoint_dir: Optional[Path] = CheckpointDirOpt,
     checkpoint_budget: Optional[str] = CheckpointBudgetOpt,
     storage_outage: Optional[str] = StorageOutageOpt,
+    keep_pools: Optional[bool] = KeepPoolsOpt,
 ) -> None:
     """Run one worker in this process (what `run` starts N times; start more on other hosts)."""
     opts = _options(
@@ -307,6 +314,7 @@ def worker(
         log_dir=log_dir, workers=None, max_trials_per_worker=max_trials_per_worker,
         recycle_rss=recycle_rss, tag=tag, checkpoint_dir=checkpoint_dir,
         checkpoint_budget=checkpoint_budget, storage_outage=storage_outage,
+        keep_pools=keep_pools,
     )  # fmt: skip
     from optguard.worker import run_worker
 

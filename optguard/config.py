@@ -56,6 +56,7 @@ CONFIG_KEYS: dict[str, tuple[type, ...]] = {
     "storage_outage": (str, int, float),
     "threads_per_worker": (int,),
     "cpu_affinity": (bool,),
+    "keep_pools": (bool,),
 }
 RETRY_REASONS = ("timeout", "memory", "system_memory", "worker_died")
 
@@ -89,6 +90,7 @@ class RunOptions:
     storage_outage_s: float = 60.0  # storage unreachable this long: give up (exit 3)
     threads_per_worker: int | None = None  # None: the cores available / workers (threads.py)
     cpu_affinity: bool = False  # pin each worker to its own threads_per_worker cores
+    keep_pools: bool = True  # idle pool workers a trial leaves survive it (optguard.leftovers)
 
     def with_storage(self, url: str) -> "RunOptions":
         return replace(self, storage=url)
@@ -210,4 +212,5 @@ def resolve_options(flags: Mapping[str, Any], config: Path | None = None) -> Run
         storage_outage_s=parsed("storage_outage", parse_duration, defaults.storage_outage_s),
         threads_per_worker=merged.get("threads_per_worker"),
         cpu_affinity=bool(merged.get("cpu_affinity", defaults.cpu_affinity)),
+        keep_pools=bool(merged.get("keep_pools", defaults.keep_pools)),
     )

@@ -72,13 +72,18 @@ def probe(pid: int, started_at: float) -> Proc:
         return Proc.UNREADABLE
 
 
-def trial_verdict(owner: Owner | None, this_host: str, proc: Proc | None, beat: Beat) -> Verdict:
+def trial_verdict(
+    owner: Owner | None, this_host: str, proc: Proc | None, beat: Beat, supervised: bool
+) -> Verdict:
     """Whether a RUNNING trial's owner is alive.
 
     ``proc`` is ``probe``'s answer when the owner is on this host (None otherwise); ``beat``
-    the heartbeat's state. On its own host the process decides, whatever the beats say (a
+    the heartbeat's state; ``supervised``: the trial says a supervisor beats for it
+    (``optguard.beats``). On its own host the process decides, whatever the beats say (a
     worker stuck in C is alive; a zombie that beat a second ago is dead). Elsewhere, and for
-    a trial without a readable owner (written by plain Optuna), only the heartbeat decides.
+    a trial without a readable owner (written by plain Optuna), only the heartbeat decides,
+    and a trial that never beat is given a first beat only when a supervisor would beat for
+    it: a worker started by hand, or plain ``study.optimize``, never beats, and is alive.
     """
     if owner is not None and owner.host == this_host and proc is not None:
         if proc in (Proc.GONE, Proc.ZOMBIE, Proc.REUSED):
@@ -87,5 +92,5 @@ def trial_verdict(owner: Owner | None, this_host: str, proc: Proc | None, beat: 
     if beat is Beat.STALE:
         return Verdict.DEAD
     if beat is Beat.NEVER:
-        return Verdict.UNBEATEN
+        return Verdict.UNBEATEN if supervised else Verdict.ALIVE
     return Verdict.ALIVE

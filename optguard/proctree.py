@@ -32,7 +32,11 @@ __all__ = [
     "has_exited",
     "hit_cpu_limit",
     "oom_kills",
+    "start_time",
     "with_marker",
+    "channels_of",
+    "unix_sockets",
+    "state_of",
 ]
 
 _PR_SET_PDEATHSIG = 1
@@ -50,12 +54,13 @@ def _prctl(option: int, value: int) -> bool:
         return False
 
 
-def become_subreaper() -> bool:
-    """Make orphaned descendants (double-forked daemons) re-parent to this process.
+def become_subreaper(on: bool = True) -> bool:
+    """Make orphaned descendants (double-forked daemons) re-parent to this process (``on``),
+    or stop doing so once the run is over (``run_study`` may return to a caller that lives on).
 
     Without it (not Linux) orphans go to init and cannot be found afterwards.
     """
-    return _prctl(_PR_SET_CHILD_SUBREAPER, 1)
+    return _prctl(_PR_SET_CHILD_SUBREAPER, 1 if on else 0)
 
 
 def die_with_parent(parent: int) -> None:
@@ -277,6 +282,16 @@ def oom_kills() -> int:
     return -1
 
 
+def start_time(pid: int) -> bytes | None:
+    """The process's start time in clock ticks since boot: with its pid, a name no later
+    process can reuse."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as fh:
+            return fh.read().rsplit(b")", 1)[1].split()[19]
+    except (OSError, IndexError):
+        return None
+
+
 def with_marker(marker: str, value: str) -> list[int]:
     """Processes whose inherited environment has ``marker=value``: the trees one optguard run
     started, found even after they left its process groups and lost their parents."""
@@ -293,3 +308,43 @@ def with_marker(marker: str, value: str) -> list[int]:
         except OSError:
             continue  # exited, or a kernel thread
     return found
+
+
+def channels_of(pid: int) -> dict[int, str] | None:
+    """A process's open pipes and sockets, fd -> ``pipe:[inode]``/``socket:[inode]``: two
+    processes holding the same one can talk. None when it is gone (or not ours to read)."""
+    try:
+        fds = os.listdir(f"/proc/{pid}/fd")
+    except OSError:
+        return None
+    found: dict[int, str] = {}
+    for fd in fds:
+        try:
+            link = os.readlink(f"/proc/{pid}/fd/{fd}")
+        except OSError:
+            continue  # closed while listing
+        if link.startswith(("pipe:", "socket:")):
+            found[int(fd)] = link
+    return found
+
+
+def unix_sockets() -> set[str] | None:
+    """The ``socket:[inode]`` names of this network namespace's Unix sockets (the others are
+    TCP/UDP, such as a database connection); None where ``/proc/net/unix`` cannot be read."""
+    try:
+        with open("/proc/net/unix", "rb") as fh:
+            next(fh, None)  # the header
+            return {f"socket:[{line.split()[6].decode()}]" for line in fh if len(line.split()) > 6}
+    except OSError:
+        return None
+
+
+def state_of(pid: int) -> str | None:
+    """The one-letter state of ``/proc/<pid>/stat`` (``R`` running, ``S`` sleeping, ``Z``
+    zombie, ...); None when it is gone."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as fh:
+            stat = fh.read()
+        return stat[stat.rindex(b")") + 2 :].split(None, 1)[0].decode()
+    except (OSError, ValueError, IndexError):
+        return None  # exited meanwhile

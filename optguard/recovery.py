@@ -90,7 +90,9 @@ def _reap(
                 continue  # this run's own worker: its exit is handled where it is reaped
             started = trial.datetime_start.timestamp() if trial.datetime_start else 0.0
             proc = probe(owner.pid, started)
-        verdict = trial_verdict(owner, host, proc, beats.get(trial._trial_id, Beat.FRESH))
+        beat = beats.get(trial._trial_id, Beat.FRESH)
+        supervised = trial.user_attrs.get(ATTR + "beats") is True
+        verdict = trial_verdict(owner, host, proc, beat, supervised)
         if verdict is Verdict.UNBEATEN:
             storage.record_heartbeat(trial._trial_id)  # the database's clock starts its grace
         elif verdict is Verdict.DEAD:

@@ -24,7 +24,7 @@ import optuna
 import psutil
 from optuna.trial import TrialState
 
-from optguard import channel, guard as guard_mod, proctree
+from optguard import channel, guard as guard_mod, leftovers, proctree
 from optguard.checkpointing import (
     CHECKPOINT_DIR_ENV,
     clear_interrupt_callbacks,
@@ -34,6 +34,8 @@ from optguard.checkpointing import (
 from optguard.cleanup import release_memory
 from optguard.config import RunOptions
 from optguard.control import read_request, set_request
+from optuna.exceptions import UpdateFinishedTrialError
+
 from optguard.errors import OptguardError, StorageError
 from optguard.guard import GuardPruned, TrialGuard, Violation
 from optguard.limits import format_gb
@@ -41,6 +43,7 @@ from optguard.logs import set_trial, worker_log_path, worker_logger
 from optguard.memory import peak_rss, reset_peak
 from optguard.sqlite import in_transaction
 from optguard.objective import error_line, load_objective
+from optguard.outage import Outage
 from optguard.preflight import check_sampler
 from optguard.storage import (
     TrialSlots,
@@ -249,8 +252,13 @@ class _TrialRunner:
         self.log = log
         self.supervised = supervised
         # Children alive before the first trial (a pool the objective's module started) are
-        # the objective's own; only processes started during a trial are ended after it.
-        self.own_children = {c.pid for c in psutil.Process().children(recursive=True)}
+        # the objective's own, by pid and start time (a pid can be reused); of the processes
+        # started during trials, only idle pools the worker still holds are kept after them.
+        self.own_children = leftovers.start_times(psutil.Process().children(recursive=True))
+        # Pipes and sockets held before any trial (stdio, supervisor, storage): a child that
+        # shares only these inherited them from a fork; it is not connected to a pool.
+        self.own_channels = set((proctree.channels_of(os.getpid()) or {}).values())
+        self.kept_pools: set[int] = set()  # already logged as kept
         self.last_final_rss = 0
         self._announce_study_stop()
         # Where optguard.checkpoints() roots its directories, here and in the trials' children.
@@ -259,6 +267,8 @@ class _TrialRunner:
     def owner_attrs(self) -> dict[str, Any]:
         """Written with the trial's creation, in the same transaction (``ask_owned``)."""
         attrs: dict[str, Any] = {ATTR_PREFIX + "worker": self.identity.tag}
+        if self.supervised.status_fd is not None:
+            attrs[ATTR_PREFIX + "beats"] = True  # its supervisor beats for it: see liveness
         if self.opts.tag is not None:
             attrs[ATTR_PREFIX + "tag"] = self.opts.tag
         return attrs
@@ -340,7 +350,7 @@ class _TrialRunner:
             self.log.error("Trial #%d failed: %s", number, error)
             trial.set_user_attr(ATTR_PREFIX + "error", error)
         os.environ.pop(channel.TRIAL_ENV, None)
-        self._end_leftovers(number)
+        self._end_leftovers(number, violation)
         self.supervised.end()
         # The kernel's exact peak of this process; the tree's, sampled by the supervisor.
         peak = max(peak_rss(), guard.peak_rss, self.supervised.tree_peak)
@@ -401,25 +411,45 @@ class _TrialRunner:
         )
         run_interrupt_callbacks(budget, self.log)
 
-    def _end_leftovers(self, number: int) -> None:
-        """End what the trial started and left running (a server, a ``sleep 1000``)."""
-        if not self.own_children and not proctree.has_children():
+    def _end_leftovers(self, number: int, violation: Violation | None = None) -> None:
+        """End what the trial started and left running (a server, a ``sleep 1000``, a dropped
+        pool's workers); keep the idle pools the worker still holds (``optguard.leftovers``)."""
+        if not proctree.has_children():
+            self.kept_pools.clear()
             return  # the common case, one syscall instead of a scan of /proc
         try:
             children = psutil.Process().children(recursive=True)
         except psutil.Error:
             return  # cannot list: nothing to end
-        leftovers = [c for c in children if c.pid not in self.own_children]
-        if not leftovers:
+        me = os.getpid()
+        keep = self.opts.keep_pools
+        memory = violation is not None and violation.reason in guard_mod.MEMORY_REASONS
+        channels = leftovers.worker_channels(me, self.own_channels)
+        facts = leftovers.gather(children, self.own_children, channels, look=keep and not memory)
+        verdicts = leftovers.decide(facts, me, keep, memory)
+        pools = {pid for pid, v in verdicts.items() if v.why == leftovers.KEPT_POOL}
+        new = sorted(pools - self.kept_pools)
+        self.kept_pools = pools
+        if new:
+            self.log.info(
+                "Trial #%d: keeping %d pool process(es) for the next trials (pids %s: %s; "
+                "--no-keep-pools ends them)",
+                number, len(new), ",".join(map(str, new)), leftovers.KEPT_POOL,
+            )  # fmt: skip
+        ended = [c for c in children if c.pid in verdicts and not verdicts[c.pid].keep]
+        if not ended:
             return
-        termed, killed = proctree.terminate(leftovers, LEFTOVER_GRACE_S)
+        termed, killed = proctree.terminate(ended, LEFTOVER_GRACE_S)
+        why: dict[str, list[str]] = {}
+        for proc in ended:
+            why.setdefault(verdicts[proc.pid].why, []).append(str(proc.pid))
         self.log.warning(
             "Trial #%d left %d process(es) running: sent SIGTERM to %d, SIGKILL to %d (pids %s)",
             number,
-            len(leftovers),
+            len(ended),
             termed,
             killed,
-            ",".join(str(c.pid) for c in leftovers),
+            "; ".join(f"{','.join(pids)}: {reason}" for reason, pids in why.items()),
         )
 
     def set_attrs(self, trial: optuna.trial.Trial, attrs: dict[str, Any]) -> None:
@@ -453,6 +483,10 @@ class _TrialRunner:
                 self.study.tell(trial, value)
             else:
                 self.study.tell(trial, state=state)
+        except UpdateFinishedTrialError:
+            # Reaped meanwhile (its host looked dead to another: a heartbeat missed during an
+            # outage); the trial is recorded as that host decided, and this worker goes on.
+            self.log.warning("Trial #%d was already finished by another host", trial.number)
         except ValueError as exc:  # a value Optuna refuses: the trial fails, the worker goes on
             self.log.error("Trial #%d failed: %s", trial.number, error_line(exc))
             self.set_attrs(trial, {"error": error_line(exc)})
@@ -531,7 +565,12 @@ def run_worker(opts: RunOptions, index: int = 0) -> int:
     try:
         check_sampler(opts.sampler)  # a worker started by hand or a scheduler: no preflight
         objective = load_objective(opts.objective)
-        study, slots = _open_study(opts, url)
+        if piped is not None:
+            # The supervisor opened this storage already: an error now is an outage (a
+            # replacement started while the server restarts), ridden out like any other.
+            study, slots = Outage(url, opts.storage_outage_s).call(lambda: _open_study(opts, url))
+        else:
+            study, slots = _open_study(opts, url)
     except OptguardError as exc:
         log.error("%s %s", START_FAILURE, exc)
         raise
@@ -573,7 +612,7 @@ def run_worker(opts: RunOptions, index: int = 0) -> int:
     # Nothing left to record: a SIGTERM (the supervisor ending a worker that lingers in a
     # non-daemon thread or an atexit handler) now ends it at once.
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
-    supervised.report("exiting")
+    supervised.report("exiting", why=supervised.stop_reason or "done")
     log.info(
         "Worker exiting: %d trials in %.1fs%s",
         ran,

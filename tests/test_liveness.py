@@ -39,7 +39,22 @@ THEIRS = Owner("hostb", 4242)
     ],
 )
 def test_trial_verdict(owner: Owner | None, proc: Proc | None, beat: Beat, verdict: Verdict) -> None:
-    assert trial_verdict(owner, HERE, proc, beat) is verdict
+    assert trial_verdict(owner, HERE, proc, beat, supervised=True) is verdict
+
+
+@pytest.mark.parametrize(
+    ("owner", "beat", "verdict"),
+    [
+        # A worker started by hand (or plain Optuna) never beats: never-beaten is alive...
+        (THEIRS, Beat.NEVER, Verdict.ALIVE),
+        (None, Beat.NEVER, Verdict.ALIVE),
+        # ...but beats that stopped still mean its host died.
+        (THEIRS, Beat.STALE, Verdict.DEAD),
+        (THEIRS, Beat.FRESH, Verdict.ALIVE),
+    ],
+)
+def test_trial_verdict_unsupervised(owner: Owner | None, beat: Beat, verdict: Verdict) -> None:
+    assert trial_verdict(owner, HERE, None, beat, supervised=False) is verdict
 
 
 @pytest.mark.parametrize(

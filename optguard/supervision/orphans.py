@@ -39,8 +39,12 @@ def _signal_proc(proc: psutil.Process, signum: int) -> None:
 
 
 class Orphans:
-    def __init__(self, on_ended: Callable[[Worker, int, str | None], None]) -> None:
+    def __init__(
+        self, run_id: str, on_ended: Callable[[Worker, int, str | None], None]
+    ) -> None:
+        self.run_id = run_id  # only processes carrying this run's marker are ever touched
         self.known: dict[int, _Orphan] = {}
+        self.not_ours: set[int] = set()  # children of the caller (run_study from Python)
         self.on_ended = on_ended  # (owner, pid, trial): log it in the owner's log
 
     def __bool__(self) -> bool:
@@ -54,20 +58,27 @@ class Orphans:
         still running, its keeper)."""
         for gone in set(self.known) - set(children):
             del self.known[gone]  # reaped: no longer a child of this process
+        self.not_ours &= set(children)
         for pid in children:
-            if pid in live:
+            if pid in live or pid in self.not_ours:
                 continue
             try:
                 child = self.known[pid].proc if pid in self.known else psutil.Process(pid)
                 if child.status() == psutil.STATUS_ZOMBIE:
-                    os.waitpid(child.pid, os.WNOHANG)
-                    self.known.pop(child.pid, None)
+                    if pid in self.known:  # only ours: a caller's child keeps its exit status
+                        os.waitpid(child.pid, os.WNOHANG)
+                        self.known.pop(child.pid, None)
                     continue
             except (psutil.Error, ChildProcessError):
                 continue  # gone already
             orphan = self.known.get(child.pid)
             if orphan is None:
-                uid, trial = proctree.environ_of(child.pid, channel.WORKER_ENV, channel.TRIAL_ENV)
+                run, uid, trial = proctree.environ_of(
+                    child.pid, channel.RUN_ENV, channel.WORKER_ENV, channel.TRIAL_ENV
+                )
+                if run != self.run_id:
+                    self.not_ours.add(pid)  # not started by this run: never signalled
+                    continue
                 owner = workers.get(uid or "")
                 if trial is None and owner is not None and owner.trial is not None:
                     trial = str(owner.trial.number)

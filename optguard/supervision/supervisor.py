@@ -58,11 +58,11 @@ from optguard.supervision.escalation import (
     decide_cancel,
 )
 from optguard.supervision.exits import Exit, classify_exit, describe_exit
-from optguard.supervision.keeper import start_keeper
+from optguard.supervision.keeper import start_keeper, tell_keeper
 from optguard.supervision.orphans import ORPHAN_GRACE_S, Orphans
 from optguard.supervision.outcome import Ended, fail_fast_error, incomplete_error
 from optguard.supervision.workers import Worker, spawn_worker
-from optguard.worker import ATTR_PREFIX, START_FAILURE
+from optguard.worker import ATTR_PREFIX, REASON_INTERRUPTED, START_FAILURE
 
 __all__ = ["RunResult", "run_study"]
 
@@ -103,12 +103,8 @@ class _Signals:
         self.last = signum
 
 
-def prepare_study(opts: RunOptions) -> tuple[str, Any, Any, int, Recovery, bool]:
-    """Create the schema and the study once, then recover it, before any worker starts.
-
-    The last item says whether the study was created here: a run whose workers cannot even
-    import the objective deletes it again, so bad input leaves nothing behind.
-    """
+def prepare_study(opts: RunOptions) -> tuple[str, Any, Any, int, Recovery]:
+    """Create the schema and the study once, then recover it, before any worker starts."""
     import optuna
     import sqlalchemy.exc
 
@@ -117,11 +113,6 @@ def prepare_study(opts: RunOptions) -> tuple[str, Any, Any, int, Recovery, bool]
         url, create_schema=True, heartbeat_s=opts.heartbeat_s, outage_s=opts.storage_outage_s
     )
     optuna.logging.set_verbosity(optuna.logging.WARNING)
-    try:
-        storage.get_study_id_from_name(opts.study)
-        created = False
-    except KeyError:
-        created = True
     try:
         study = optuna.create_study(
             study_name=opts.study, storage=storage, direction=opts.direction, load_if_exists=True
@@ -141,7 +132,7 @@ def prepare_study(opts: RunOptions) -> tuple[str, Any, Any, int, Recovery, bool]
             recovery = recover(study, storage, slots.study_id, opts.retry_pruned)
     finally:
         slots.close()
-    return url, storage, study, slots.study_id, recovery, created
+    return url, storage, study, slots.study_id, recovery
 
 
 def _interrupt_note(violation: Violation, esc: Any) -> str:
@@ -206,13 +197,18 @@ class _Supervisor:
         self.heartbeat_at = 0.0
         self.progress_at = 0.0
         self.fatal: OptguardError | None = None
-        self.orphans = Orphans(self._orphan_ended)
+        self.orphans = Orphans(self.run_id, self._orphan_ended)
         self.pids_at = 0.0  # when the process trees were last listed
         self.oom_seen = proctree.oom_kills()
         self.first_ended: list[Ended] = []
         self.limits_written = False
         self.progress = Progress()
         self.keeper_pid = -1
+        self.log_hint = "see the worker logs"
+        self.any_ready = False
+        self.unready_deaths = 0  # in a row, while no worker was ever ready
+        self.keeper: Any = None
+        self.kept: dict[int, bytes] = {}  # pids told to the keeper, with their start times
 
     # -- workers ---------------------------------------------------------------------------
     def spawn(self, index: int) -> None:
@@ -229,7 +225,7 @@ class _Supervisor:
         for event in worker.status.read():
             kind = event.get("event")
             if kind == "ready":
-                worker.ready = True
+                worker.ready = self.any_ready = True
             elif kind == "start":
                 worker.trial = Watched(event["trial"], event["trial_id"], event["started"])
                 worker.checkpoint_until = 0.0  # the last trial's hold is not this one's
@@ -247,6 +243,7 @@ class _Supervisor:
                 self.trial_ended(worker, ended)
             elif kind == "exiting":
                 worker.exiting_at = now
+                worker.exit_why = str(event.get("why") or "done")
             elif kind == "storage_error":
                 worker.storage_error = str(event.get("message") or "storage error")
             elif kind == "study_stop":
@@ -257,12 +254,11 @@ class _Supervisor:
         with them, never by a command that runs nothing or fails."""
         if self.limits_written:
             return
-        self.limits_written = True
         limits = self.opts.limits
-        self.storage.set_study_user_attr(
-            self.study_id,
-            LIMITS_ATTR,
-            {"timeout_s": limits.timeout_s, "max_rss_bytes": limits.max_rss_bytes},
+        value = {"timeout_s": limits.timeout_s, "max_rss_bytes": limits.max_rss_bytes}
+        self.limits_written = self.outage.poll(
+            lambda: self.storage.set_study_user_attr(self.study_id, LIMITS_ATTR, value) or True,
+            False,  # the storage is down: written at a later trial's start
         )
 
     def trial_ended(self, worker: Worker, ended: Ended) -> None:
@@ -272,7 +268,8 @@ class _Supervisor:
             self.hard_kills += 1  # its SIGTERM step: the worker recorded the trial itself
         if len(self.first_ended) < self.opts.fail_fast:
             self.first_ended.append(ended)
-            error = fail_fast_error(self.first_ended, self.opts.fail_fast, f"see {worker.log_path}")
+            self.log_hint = f"see {worker.log_path}"
+            error = fail_fast_error(self.first_ended, self.opts.fail_fast, self.log_hint)
             if error is not None and self.fatal is None:
                 self.fatal = error
 
@@ -289,6 +286,22 @@ class _Supervisor:
             worker.pids = proctree.tree_pids(worker.proc.pid, kids) or [worker.proc.pid]
         live = {w.proc.pid for w in self.workers.values()} | {self.keeper_pid}
         self.orphans.sweep(now, kids.get(os.getpid(), []), self.by_uid, live)
+        self.tell_keeper()
+
+    def tell_keeper(self) -> None:
+        """The workers' trees as just listed: the keeper ends them if this process dies,
+        even a child whose environment lacks the run's marker."""
+        new = {}
+        for worker in self.workers.values():
+            for pid in worker.pids:
+                if pid not in self.kept:
+                    start = proctree.start_time(pid)
+                    if start is not None:
+                        new[pid] = self.kept[pid] = start
+        if len(self.kept) > 4096:  # a long run: forget those that are gone
+            self.kept = {p: t for p, t in self.kept.items() if proctree.start_time(p) == t}
+        if self.keeper is not None:
+            tell_keeper(self.keeper, new)
 
     def _orphan_ended(self, owner: Worker, pid: int, trial: str | None) -> None:
         self._log(
@@ -461,6 +474,13 @@ class _Supervisor:
     ) -> list[int]:
         """Finish the trial a dead worker left RUNNING: the one it reported, else any trial
         RUNNING under its name (it died before reporting the start)."""
+        return self.outage.poll(lambda: self._mark(worker, trial_id, state, attrs), [])
+
+    def _mark(
+        self, worker: Worker, trial_id: int | None, state: Any, attrs: dict[str, Any]
+    ) -> list[int]:
+        """``mark_trial``'s writes. Skipped while the storage is down, so the loop goes on
+        enforcing limits: the dead owner's trial is then reaped once it is back."""
         from optuna.exceptions import UpdateFinishedTrialError
         from optuna.trial import TrialState
 
@@ -508,8 +528,13 @@ class _Supervisor:
         trial, worker.trial = worker.trial, None  # whatever it ran is over: its orphans can go
         self.pids_at = 0.0  # look for them now
         how = describe_exit(code, sent=worker.sent, oom=oom, cpu_limit=cpu_limit)
+        # A worker that left because something outside sent it SIGTERM (earlyoom, an admin)
+        # did not finish its part: it is replaced like a dead one.
+        left = worker.exiting_at is not None and (
+            worker.exit_why != REASON_INTERRUPTED or self.draining or self.stopping
+        )
         kind = classify_exit(
-            code, ready=worker.ready, said_exiting=worker.exiting_at is not None,
+            code, ready=worker.ready, said_exiting=left,
             in_trial=trial is not None, killed=worker.kill is not None,
             ended=worker.ending is not None,
         )  # fmt: skip
@@ -538,6 +563,14 @@ class _Supervisor:
             if stopping or self.fatal is not None:
                 return
             self.deaths += 1
+            if not self.any_ready:
+                self.unready_deaths += 1
+                if self.unready_deaths >= 2:  # its import kills it: replacing it loops for ever
+                    self.fatal = WorkerStartError(
+                        f"worker {worker.index} died twice before it was ready ({how}); "
+                        f"see {worker.log_path}"
+                    )
+                    return
             self._log(worker, logging.ERROR, None, f"Worker died: {how}; starting a replacement")
             if self.too_many_crashes(how, worker):
                 return
@@ -639,8 +672,8 @@ class _Supervisor:
         if self.ended_by is not None:
             return
         self.ended_by = reason
-        set_request(self.storage, self.study_id, "stop")
-        self.stop(reason, requested=False)
+        self.stop(reason, requested=False)  # this host first: then every other one
+        self.outage.poll(lambda: set_request(self.storage, self.study_id, "stop"), None)
 
     def stop(self, notice: str, requested: bool = True) -> None:
         self.draining = True
@@ -671,16 +704,14 @@ class _Supervisor:
     def run(self) -> RunResult:
         start = time.monotonic()
         check_run_inputs(self.opts)  # before the storage is touched: bad input changes nothing
-        self.url, self.storage, self.study, self.study_id, recovery, created = prepare_study(
-            self.opts
-        )
+        self.url, self.storage, self.study, self.study_id, recovery = prepare_study(self.opts)
         # The loop's own storage calls: skipped during an outage (limits are still enforced),
         # StorageError once it has lasted --storage-outage.
         self.outage = outage_of(self.storage)
         if self.on_recovery is not None:
             self.on_recovery(recovery)
         proctree.become_subreaper()
-        keeper = start_keeper(self.run_id)
+        keeper = self.keeper = start_keeper(self.run_id)
         self.keeper_pid = keeper.pid  # a child of this process, but no orphan to end
         handled = (signal.SIGINT, signal.SIGTERM)
         previous = {s: signal.signal(s, self.signals.handler) for s in handled}
@@ -697,14 +728,17 @@ class _Supervisor:
             for signum, handler in previous.items():
                 signal.signal(signum, handler)
             self.orphans.kill_all()
+            proctree.become_subreaper(False)
             if keeper.stdin is not None:
                 keeper.stdin.close()  # the keeper sweeps what is left of this run, then exits
             keeper.wait()
         if isinstance(self.fatal, StorageError):
             self.fail_own_trials()
+        if self.fatal is None:
+            self.fatal = fail_fast_error(
+                self.first_ended, min(self.opts.fail_fast, len(self.first_ended)), self.log_hint
+            )  # a run that ended fewer trials than --fail-fast, every one failing alike
         if self.fatal is not None:
-            if created and isinstance(self.fatal, UsageError) and not self.limits_written:
-                self.storage.delete_study(self.study_id)  # no trial ran: as if never started
             raise self.fatal
         progress = read_progress(self.storage, self.study_id)
         if self.on_progress:
@@ -746,14 +780,21 @@ class _Supervisor:
         tags = {w.tag for w in self.by_uid.values()}
         attrs = {ATTR_PREFIX + "reason": "interrupted", ATTR_PREFIX + "error": str(self.fatal)}
         try:
-            for trial in self.storage.get_all_trials(
+            running = self.storage.get_all_trials(
                 self.study_id, deepcopy=False, states=(TrialState.RUNNING,)
-            ):
-                if trial.user_attrs.get(ATTR_PREFIX + "worker") in tags:
-                    set_trial_user_attrs(self.storage, trial._trial_id, attrs)
-                    self.storage.set_trial_state_values(trial._trial_id, TrialState.FAIL)
-        except (StorageError, UpdateFinishedTrialError):
-            pass  # deliberately best effort: a restart reaps what is left RUNNING
+            )
+        except StorageError:
+            return  # deliberately best effort: a restart reaps what is left RUNNING
+        for trial in running:
+            if trial.user_attrs.get(ATTR_PREFIX + "worker") not in tags:
+                continue
+            try:
+                set_trial_user_attrs(self.storage, trial._trial_id, attrs)
+                self.storage.set_trial_state_values(trial._trial_id, TrialState.FAIL)
+            except UpdateFinishedTrialError:
+                continue  # finished meanwhile
+            except StorageError:
+                return  # deliberately best effort, as above
 
     def shutdown(self) -> None:
         """The storage is gone for good: end the workers without recording anything."""

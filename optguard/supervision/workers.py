@@ -52,6 +52,7 @@ class Worker:
     ending: str | None = None  # why optguard ends it (not for a trial): stop, cancel, ...
     ending_at: float = 0.0
     sent: str | None = None  # optguard's own SIGKILL, in words, for the exit description
+    exit_why: str = "done"  # why it left after its last trial (its stop reason)
     storage_error: str | None = None  # why it gave up on the storage (past --storage-outage)
 
     @property
@@ -120,6 +121,8 @@ def worker_argv(opts: RunOptions, index: int) -> list[str]:
     }
     if opts.tag is not None:
         argv += ["--tag", opts.tag]
+    if not opts.keep_pools:
+        argv.append("--no-keep-pools")
     for flag, value in optional.items():
         if value is not None:
             argv += [flag, repr(value)]
