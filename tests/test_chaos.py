@@ -473,18 +473,26 @@ def test_rerun_while_killed_workers_are_zombies(
 # -- 3. kill -9 of the supervisor leaks what a trial started ---------------------------------
 
 
-@pytest.mark.parametrize("setsid", [False, True], ids=["same-group", "own-session"])
+@pytest.mark.parametrize(
+    ("setsid", "own_env"),
+    [(False, False), (True, False), (True, True)],
+    ids=["same-group", "own-session", "own-session-and-environment"],
+)
 def test_supervisor_sigkill_ends_trial_children(
-    tmp_path: Path, study_name: str, procs: Procs, setsid: bool
+    tmp_path: Path, study_name: str, procs: Procs, setsid: bool, own_env: bool
 ) -> None:
+    """``own_env``: the child gets an environment of its own, without the run's marker: the
+    keeper still knows it from the supervisor's listing of the worker's tree."""
     argv = _run_argv(study_name, CHILD, "--n-trials", "2", "--workers", "1")
-    env = {"CHAOS_SETSID": "1" if setsid else "0"}
+    env = {"CHAOS_SETSID": "1" if setsid else "0", "CHAOS_OWN_ENV": "1" if own_env else "0"}
     url = sqlite_url(tmp_path)
     run = procs.start(argv, tmp_path, env, name="first")
     children = tmp_path / "children.txt"
     _wait_for(lambda: children.exists() and children.read_text().strip(), "sleep started", proc=run)
     (sleep_pid,) = [int(p) for p in children.read_text().split()]
     assert _alive(sleep_pid)
+    if own_env:
+        time.sleep(2.5)  # the supervisor lists the worker's tree once a second
     if setsid:
         assert os.getsid(sleep_pid) == sleep_pid
     workers = _workers_of(run.pid)
@@ -746,3 +754,50 @@ def test_worker_sigterm_right_after_claim_ends_its_trial(
     else:
         assert code == EXIT_INCOMPLETE, out
     _assert_gone(procs.recorded(), what="workers")
+
+
+# -- regression found by the review: a worker started by hand never beats ---------------------
+
+
+@pytest.mark.filterwarnings("ignore::UserWarning")
+def test_hand_started_workers_trial_is_not_reaped(
+    tmp_path: Path, study_name: str, procs: Procs
+) -> None:
+    """A worker started by hand (a scheduler's ``optguard worker``) has no supervisor to beat
+    for its trial: another host's reaper must not give it a first beat and then reap it."""
+    probe = subprocess.run(
+        ["unshare", "-u", "sh", "-c", "hostname hostb && hostname"],
+        check=False, capture_output=True, text=True, timeout=30,
+    )  # fmt: skip
+    if probe.returncode != 0 or probe.stdout.strip() != "hostb":
+        pytest.skip(f"unshare -u does not work here: {probe.stderr.strip()}")
+    host_b, host_a = tmp_path / "hostb", tmp_path / "hosta"
+    host_b.mkdir()
+    host_a.mkdir()
+    url = sqlite_url(tmp_path)
+    optuna.create_study(study_name=study_name, storage=url)
+    argv_b = [sys.executable, "-m", "optguard", "worker", "--study", study_name,
+              "--objective", RESTARTABLE, "--n-trials", "2", "--storage", url]  # fmt: skip
+    cmd_b = "hostname hostb && exec " + " ".join(f"'{a}'" for a in argv_b)
+    worker_b = procs.start(["unshare", "-u", "sh", "-c", cmd_b], host_b, name="hostb")
+    _wait_for(lambda: _lines(host_b / "pids.txt") == 1, "host B's trial RUNNING", proc=worker_b)
+
+    (host_a / "fixed").touch()
+    argv_a = _run_argv(study_name, RESTARTABLE, "--storage", url, "--heartbeat", "1",
+                       "--n-trials", "2", "--workers", "1")  # fmt: skip
+    run_a = procs.start(argv_a, host_a, name="hosta")
+    # Host A's part is done at once; it waits for host B's trial, reaping every second.
+    _wait_for(lambda: _lines(host_a / "pids.txt") == 1, "host A's trial", proc=run_a)
+    time.sleep(8)  # 8 heartbeats of host A: a first beat and then 4 intervals would reap it
+    (trial_b,) = [t for t in load_trials(url, study_name) if t.number == 0]
+    assert trial_b.state == TrialState.RUNNING, trial_b.user_attrs
+    assert trial_b.user_attrs["optguard.worker"].startswith("hostb:")
+    assert run_a.poll() is None, "host A must wait for host B's running trial"
+
+    (host_b / "fixed").touch()
+    assert worker_b.wait(timeout=RUN_TIMEOUT) == 0
+    assert run_a.wait(timeout=RUN_TIMEOUT) == 0
+    trials = load_trials(url, study_name)
+    _assert_settled(trials, 2)
+    assert [t.state for t in trials] == [TrialState.COMPLETE] * 2
+    _assert_gone(procs.recorded(), what="both hosts' workers")

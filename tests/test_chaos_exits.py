@@ -551,3 +551,74 @@ def test_rlimit_cpu_death_is_described_as_cpu_limit(
     assert re.search(r"SIGXCPU|RLIMIT_CPU|CPU time", error, re.IGNORECASE), error
     _assert_not_oom(tmp_path, trials, result.stdout, result.stderr)
     _assert_nothing_left(tmp_path)
+
+
+# -- regressions found by the review of these fixes -----------------------------------------
+
+
+def test_fail_fast_in_a_run_shorter_than_n(tmp_path: Path, study_name: str) -> None:
+    """A run that ends fewer trials than --fail-fast, every one failing alike, is no success."""
+    result = _run(tmp_path, _command(study_name, "chaos_x_failing.py:boom", n=2))
+    assert result.returncode == EXIT_FAILED, result.stdout + result.stderr
+    assert "ValueError: boom" in _error_line(result.stderr)
+    assert _states(_settled(tmp_path, study_name, 2)) == ["FAIL", "FAIL"]
+    _assert_nothing_left(tmp_path)
+
+
+def test_worker_dying_at_import_ends_the_run(tmp_path: Path, study_name: str) -> None:
+    """Replacing a worker whose import kills it would loop for ever: two deaths before any
+    worker was ready end the run (exit 4) with the cause."""
+    env = {**os.environ, "CHAOS_DIE_AT_IMPORT": "1"}
+    result = subprocess.run(
+        _command(study_name, "chaos_x_review.py:objective"), cwd=tmp_path, env=env,
+        capture_output=True, text=True, timeout=RUN_TIMEOUT_S,
+    )  # fmt: skip
+    assert result.returncode == 4, result.stdout + result.stderr
+    line = _error_line(result.stderr)
+    assert "before it was ready" in line and "SIGSEGV" in line, line
+    _assert_nothing_left(tmp_path, expect_recorded=False)
+
+
+def test_outside_sigterm_to_a_worker_gets_it_replaced(tmp_path: Path, study_name: str) -> None:
+    """earlyoom or an admin SIGTERMs one worker: its trial ends, and a replacement runs the
+    rest of the study (the worker's clean exit is not "the study has its trials")."""
+    cmd = _command(study_name, "chaos_x_review.py:waits", n=3)
+    with _running(tmp_path, cmd) as proc:
+        running = tmp_path / "running.txt"
+        _wait_for("a trial running", lambda: running.exists() and running.read_text(), proc)
+        (worker,) = [int(p) for p in (tmp_path / "pids.txt").read_text().split()]
+        os.kill(worker, signal.SIGTERM)
+        _wait_for("the worker gone", lambda: not _alive(worker, tmp_path), proc)
+        (tmp_path / "fixed").touch()
+        out, err = _finish(proc)
+    assert proc.returncode == 0, out + err
+    trials = _settled(tmp_path, study_name, None)
+    assert trials[0].user_attrs.get("optguard.reason") == "interrupted", trials[0].user_attrs
+    assert _states(trials).count("COMPLETE") >= 2 and len(trials) >= 3
+    _assert_nothing_left(tmp_path)
+
+
+_LIBRARY_CALLER = """
+import subprocess, sys
+import optguard
+sleeper = subprocess.Popen(["sleep", "300"])
+opts = optguard.resolve_options(
+    {"study": sys.argv[1], "objective": sys.argv[2], "n_trials": 2, "pruner": "none"}
+)
+optguard.run_study(opts)
+print("caller's child", "alive" if sleeper.poll() is None else "gone", flush=True)
+sleeper.kill()
+"""
+
+
+def test_run_study_leaves_the_callers_own_children_alone(tmp_path: Path, study_name: str) -> None:
+    """``run_study`` from Python: the supervisor's sweep of re-parented orphans must not take
+    the caller's own child processes (they carry no marker of the run)."""
+    result = subprocess.run(
+        [sys.executable, "-c", _LIBRARY_CALLER, study_name,
+         objective("chaos_x_review.py:objective")],
+        cwd=tmp_path, capture_output=True, text=True, timeout=RUN_TIMEOUT_S,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "caller's child alive" in result.stdout, result.stdout + result.stderr
+    _settled(tmp_path, study_name, 2)

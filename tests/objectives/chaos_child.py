@@ -14,8 +14,11 @@ def objective(trial):
     x = trial.suggest_float("x", 0.0, 1.0)
     with open("pids.txt", "a") as fh:
         fh.write(f"{os.getpid()}\n")
+    own_env = {"PATH": os.environ.get("PATH", "/usr/bin:/bin")}  # CHAOS_OWN_ENV: no marker
     child = subprocess.Popen(
-        ["sleep", "1000"], start_new_session=os.environ.get("CHAOS_SETSID") == "1"
+        ["sleep", "1000"],
+        start_new_session=os.environ.get("CHAOS_SETSID") == "1",
+        env=own_env if os.environ.get("CHAOS_OWN_ENV") == "1" else None,
     )
     with open("children.txt", "a") as fh:
         fh.write(f"{child.pid}\n")
