@@ -624,7 +624,8 @@ class _Supervisor:
             if worker.trial is not None:
                 self.storage.record_heartbeat(worker.trial.trial_id)
         own = frozenset(w.proc.pid for w in self.workers.values())
-        stale = reap_stale(self.study, self.storage, self.study_id, own)
+        with self.slots.lock():  # two hosts reaping at once neither reap nor retry twice
+            stale = reap_stale(self.study, self.storage, self.study_id, own)
         if stale.reaped and self.on_notice is not None:
             retried = ", ".join(f"#{n}" for n in stale.retried) or "none"
             self.on_notice(
@@ -708,6 +709,7 @@ class _Supervisor:
         # The loop's own storage calls: skipped during an outage (limits are still enforced),
         # StorageError once it has lasted --storage-outage.
         self.outage = outage_of(self.storage)
+        self.slots = TrialSlots(self.storage, self.opts.study)  # the study-wide lock
         if self.on_recovery is not None:
             self.on_recovery(recovery)
         proctree.become_subreaper()
@@ -729,6 +731,7 @@ class _Supervisor:
                 signal.signal(signum, handler)
             self.orphans.kill_all()
             proctree.become_subreaper(False)
+            self.slots.close()
             if keeper.stdin is not None:
                 keeper.stdin.close()  # the keeper sweeps what is left of this run, then exits
             keeper.wait()
