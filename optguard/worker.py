@@ -40,7 +40,7 @@ from optguard.errors import OptguardError, StorageError
 from optguard.guard import GuardPruned, TrialGuard, Violation
 from optguard.limits import format_gb
 from optguard.logs import set_trial, worker_log_path, worker_logger
-from optguard.memory import peak_rss, reset_peak
+from optguard.memory import current_rss, peak_rss, reset_peak
 from optguard.sqlite import in_transaction
 from optguard.objective import error_line, load_objective
 from optguard.outage import Outage
@@ -253,7 +253,7 @@ class _TrialRunner:
         self.supervised = supervised
         # Children alive before the first trial (a pool the objective's module started) are
         # the objective's own, by pid and start time (a pid can be reused); of the processes
-        # started during trials, only idle pools the worker still holds are kept after them.
+        # started during trials, only the pools the worker still holds are kept after them.
         self.own_children = leftovers.start_times(psutil.Process().children(recursive=True))
         # Pipes and sockets held before any trial (stdio, supervisor, storage): a child that
         # shares only these inherited them from a fork; it is not connected to a pool.
@@ -350,7 +350,7 @@ class _TrialRunner:
             self.log.error("Trial #%d failed: %s", number, error)
             trial.set_user_attr(ATTR_PREFIX + "error", error)
         os.environ.pop(channel.TRIAL_ENV, None)
-        self._end_leftovers(number, violation)
+        self._end_leftovers(number)
         self.supervised.end()
         # The kernel's exact peak of this process; the tree's, sampled by the supervisor.
         peak = max(peak_rss(), guard.peak_rss, self.supervised.tree_peak)
@@ -411,9 +411,9 @@ class _TrialRunner:
         )
         run_interrupt_callbacks(budget, self.log)
 
-    def _end_leftovers(self, number: int, violation: Violation | None = None) -> None:
+    def _end_leftovers(self, number: int) -> None:
         """End what the trial started and left running (a server, a ``sleep 1000``, a dropped
-        pool's workers); keep the idle pools the worker still holds (``optguard.leftovers``)."""
+        pool's workers); keep the pools the worker still holds (``optguard.leftovers``)."""
         if not proctree.has_children():
             self.kept_pools.clear()
             return  # the common case, one syscall instead of a scan of /proc
@@ -421,18 +421,19 @@ class _TrialRunner:
             children = psutil.Process().children(recursive=True)
         except psutil.Error:
             return  # cannot list: nothing to end
-        me = os.getpid()
-        keep = self.opts.keep_pools
-        memory = violation is not None and violation.reason in guard_mod.MEMORY_REASONS
+        me, keep, limit = os.getpid(), self.opts.keep_pools, self.opts.limits.max_rss_bytes
+        # What kept processes may hold: the limit less the worker's memory after its last
+        # cleanup (now it may still hold the trial's garbage), or now before the first one.
+        room = None if limit is None else limit - (self.last_final_rss or current_rss())
         channels = leftovers.worker_channels(me, self.own_channels)
-        facts = leftovers.gather(children, self.own_children, channels, look=keep and not memory)
-        verdicts = leftovers.decide(facts, me, keep, memory)
+        facts = leftovers.gather(children, self.own_children, channels, room, look=keep)
+        verdicts = leftovers.decide(facts, me, keep, room)
         pools = {pid for pid, v in verdicts.items() if v.why == leftovers.KEPT_POOL}
         new = sorted(pools - self.kept_pools)
         self.kept_pools = pools
         if new:
             self.log.info(
-                "Trial #%d: keeping %d pool process(es) for the next trials (pids %s: %s; "
+                "Trial #%d: keeping %d process(es) for the next trials (pids %s: %s; "
                 "--no-keep-pools ends them)",
                 number, len(new), ",".join(map(str, new)), leftovers.KEPT_POOL,
             )  # fmt: skip
