@@ -737,7 +737,8 @@ class _Supervisor:
             keeper.wait()
         if isinstance(self.fatal, StorageError):
             self.fail_own_trials()
-        if self.fatal is None:
+        stopped = self.signals.count > 0 or self.stopped_by is not None or self.ended_by
+        if self.fatal is None and not stopped:
             self.fatal = fail_fast_error(
                 self.first_ended, min(self.opts.fail_fast, len(self.first_ended)), self.log_hint
             )  # a run that ended fewer trials than --fail-fast, every one failing alike
