@@ -22,6 +22,7 @@ from typing import Any, Callable
 
 import optuna
 import psutil
+from optuna.exceptions import UpdateFinishedTrialError
 from optuna.trial import TrialState
 
 from optguard import channel, guard as guard_mod, leftovers, proctree
@@ -34,8 +35,6 @@ from optguard.checkpointing import (
 from optguard.cleanup import release_memory
 from optguard.config import RunOptions
 from optguard.control import read_request, set_request
-from optuna.exceptions import UpdateFinishedTrialError
-
 from optguard.errors import OptguardError, StorageError
 from optguard.guard import GuardPruned, TrialGuard, Violation
 from optguard.limits import format_gb
@@ -327,7 +326,7 @@ class _TrialRunner:
         except KeyboardInterrupt:
             error = "interrupted by Ctrl+C"
         except StorageError:
-            raise  # the storage refused, or stayed down past --storage-outage: not the objective's bug
+            raise  # refused, or down past --storage-outage: not the objective's bug
         except Exception as exc:  # the objective's own bug: the trial fails, the worker goes on
             error = error_line(exc)
             for line in traceback.format_exc().rstrip().splitlines():
