@@ -1,5 +1,8 @@
 """Chaos: the cases of issue 10, each reproduced as it was found, with real processes, real
-storage and real signals.
+storage and real signals. This file: cases 1-5 and 17 (restart, zombies, kill -9 of the
+supervisor, trial ownership, cross-host reaping, the limits attribute); cases 7-11, 14-16, 22
+and 23 are in ``test_chaos_exits.py``, 6, 12 and 13 in ``test_chaos_storage.py``, 10 and
+18-21 in ``test_chaos_input.py``.
 
 Every scenario asserts, where it applies: the study ends at its exact total, no trial is left
 RUNNING or WAITING, no process the scenario started is left (a zombie counts as gone), and the

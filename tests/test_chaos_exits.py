@@ -1,4 +1,5 @@
-"""Issue 10: ways a run ended wrong (hung, exited 0 on a broken study, blamed the OOM killer).
+"""Issue 10: ways a run ended wrong (hung, exited 0 on a broken study, blamed the OOM killer):
+cases 7-11, 14-16, 22 and 23, plus regressions the review of their fixes found.
 
 Each case is reproduced as it was found, with a real objective file (tests/objectives/
 chaos_x_*.py), real worker processes and real signals on SQLite in ``tmp_path``. Every test

@@ -1,4 +1,5 @@
-"""The storage misbehaves under a running study: concurrent first starts, an outage, a full disk.
+"""The storage misbehaves under a running study: concurrent first starts, an outage, a full disk
+(issue 10, cases 6, 12 and 13).
 
 Real servers and real processes: a fresh database on the shared PostgreSQL and MariaDB, a
 private PostgreSQL this module starts, stops and restarts, a real 3 MB tmpfs that fills up.
