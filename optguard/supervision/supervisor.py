@@ -682,6 +682,7 @@ class _Supervisor:
             self.stopped_by = self.stopped_by or notice
         now = time.monotonic()
         for worker in self.workers.values():
+            self.read_status(worker, now)  # "ready" may wait unread: the loop was busy
             if not worker.ready:
                 self.end_worker(worker, "stopped before it was ready", now)
                 continue
@@ -698,7 +699,10 @@ class _Supervisor:
         self.cancelling = True
         now = time.monotonic()
         for worker in self.workers.values():
-            if worker.trial is None:  # between trials, leaving, or not ready: nothing to record
+            # Not ready, or leaving after its last trial: nothing to record, end it now. One
+            # between two trials may have just claimed the next (its start not read yet): it
+            # got the stop, and a trial it started is cancelled like any other.
+            if not worker.ready or worker.exiting_at is not None:
                 self.end_worker(worker, "cancelled", now)
 
     # -- loop --------------------------------------------------------------------------------
