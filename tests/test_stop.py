@@ -62,16 +62,16 @@ def test_stop_lets_running_trials_finish(tmp_path: Path, study_name: str) -> Non
 def test_cancel_prunes_running_trials_at_next_check(tmp_path: Path, study_name: str) -> None:
     proc = _start(tmp_path, study_name)
     _wait_running(tmp_path)
-    started = time.monotonic()
     assert run_cli("cancel", "--study", study_name, cwd=tmp_path).returncode == 0
     out, err = _finish(proc)
-    took = time.monotonic() - started
     assert proc.returncode == 130, err
     trials = load_trials(sqlite_url(tmp_path), study_name)
     cancelled = [t for t in trials if t.user_attrs.get("optguard.reason") == "cancelled"]
     assert len(cancelled) >= 1 and {t.state for t in cancelled} == {TrialState.PRUNED}
     assert not any(t.state == TrialState.RUNNING for t in trials)
-    assert took < 2 + 3  # a check every 100 ms, flag polled every second, process exit
+    # No timing assertion (tests run two at a time): the pruning at a check, not the kill
+    # step 10 s later, is what the enforcement "check" on each cancelled trial shows.
+    assert {t.user_attrs.get("optguard.enforcement") for t in cancelled} == {"check"}
 
 
 def test_cancel_kills_a_trial_that_never_checks(tmp_path: Path, study_name: str) -> None:
