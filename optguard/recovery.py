@@ -16,7 +16,7 @@ if TYPE_CHECKING:
     import optuna
     from optuna.trial import FrozenTrial
 
-__all__ = ["Recovery", "reap_stale", "recover"]
+__all__ = ["Recovery", "mark_interrupted", "reap_stale", "recover"]
 
 ATTR = "optguard."
 REASON_INTERRUPTED = "interrupted"
@@ -31,7 +31,7 @@ class Recovery:
     cleared: str | None = None  # a stop/cancel request left by an earlier run, now cleared
 
 
-def _mark_interrupted(storage: optuna.storages.BaseStorage, trial_id: int, why: str) -> bool:
+def mark_interrupted(storage: optuna.storages.BaseStorage, trial_id: int, why: str) -> bool:
     """FAIL a RUNNING trial with reason ``interrupted``; False if it finished meanwhile."""
     from optuna.exceptions import UpdateFinishedTrialError
     from optuna.trial import TrialState
@@ -101,7 +101,7 @@ def _reap(
                 if proc is not None
                 else f"no heartbeat from worker {tag or '?'}: its host died"
             )
-            if _mark_interrupted(storage, trial._trial_id, why):
+            if mark_interrupted(storage, trial._trial_id, why):
                 reaped.append(trial.number)
     return reaped
 

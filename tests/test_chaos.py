@@ -259,6 +259,17 @@ def _assert_retried(trials: list[optuna.trial.FrozenTrial], old: optuna.trial.Fr
     assert retries[0].params == old.params
 
 
+def _assert_first_two_reaped_and_retried(
+    trials: list[optuna.trial.FrozenTrial], total: int
+) -> None:
+    """The two trials a killed run left RUNNING: FAIL ``interrupted``, each retried once."""
+    _assert_settled(trials, total)
+    for old in trials[:2]:
+        assert old.state == TrialState.FAIL
+        assert old.user_attrs["optguard.reason"] == "interrupted"
+        _assert_retried(trials, old)
+
+
 def _run_argv(study: str, target: str, *extra: str) -> list[str]:
     return [
         sys.executable, "-m", "optguard", "run", "--study", study, "--objective", target,
@@ -315,12 +326,7 @@ def test_interrupted_at_total_are_retried(tmp_path: Path, study_name: str, procs
     code, out = procs.run(argv, tmp_path, name="rerun")
     assert "marked FAIL (interrupted): #0, #1" in out, out
     assert code == 0, out
-    trials = load_trials(url, study_name)
-    _assert_settled(trials, 4)
-    for old in trials[:2]:
-        assert old.state == TrialState.FAIL
-        assert old.user_attrs["optguard.reason"] == "interrupted"
-        _assert_retried(trials, old)
+    _assert_first_two_reaped_and_retried(load_trials(url, study_name), 4)
     _assert_gone(procs.recorded(), what="workers")
 
 
@@ -460,12 +466,7 @@ def test_rerun_while_killed_workers_are_zombies(
     assert zombies(), "the reproduction needs the workers still zombies during the rerun"
     assert "marked FAIL (interrupted): #0, #1" in out, out
     assert code == 0, out
-    trials = load_trials(url, study_name)
-    _assert_settled(trials, 6)
-    for old in trials[:2]:
-        assert old.state == TrialState.FAIL
-        assert old.user_attrs["optguard.reason"] == "interrupted"
-        _assert_retried(trials, old)
+    _assert_first_two_reaped_and_retried(load_trials(url, study_name), 6)
     _assert_gone(procs.recorded(), what="workers")
 
     wrapper.kill()  # the zombies go to init

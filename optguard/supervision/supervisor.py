@@ -47,7 +47,7 @@ from optguard.guard import REASON_MEMORY, REASON_SYSTEM_MEMORY, Violation
 from optguard.outage import outage_of
 from optguard.preflight import check_run_inputs
 from optguard.progress import Progress, read_progress
-from optguard.recovery import Recovery, reap_stale, recover
+from optguard.recovery import Recovery, mark_interrupted, reap_stale, recover
 from optguard.report import LIMITS_ATTR
 from optguard.storage import TrialSlots, mask_url, open_storage, resolve_url
 from optguard.supervision.escalation import (
@@ -780,29 +780,18 @@ class _Supervisor:
     def fail_own_trials(self) -> None:
         """After a storage error: one last try to FAIL the trials this run's workers left
         RUNNING (a full disk may take these small writes once the log was emptied)."""
-        from optuna.exceptions import UpdateFinishedTrialError
         from optuna.trial import TrialState
 
-        from optguard.storage import set_trial_user_attrs
-
         tags = {w.tag for w in self.by_uid.values()}
-        attrs = {ATTR_PREFIX + "reason": "interrupted", ATTR_PREFIX + "error": str(self.fatal)}
         try:
             running = self.storage.get_all_trials(
                 self.study_id, deepcopy=False, states=(TrialState.RUNNING,)
             )
+            for trial in running:
+                if trial.user_attrs.get(ATTR_PREFIX + "worker") in tags:
+                    mark_interrupted(self.storage, trial._trial_id, str(self.fatal))
         except StorageError:
-            return  # deliberately best effort: a restart reaps what is left RUNNING
-        for trial in running:
-            if trial.user_attrs.get(ATTR_PREFIX + "worker") not in tags:
-                continue
-            try:
-                set_trial_user_attrs(self.storage, trial._trial_id, attrs)
-                self.storage.set_trial_state_values(trial._trial_id, TrialState.FAIL)
-            except UpdateFinishedTrialError:
-                continue  # finished meanwhile
-            except StorageError:
-                return  # deliberately best effort, as above
+            pass  # deliberately best effort: a restart reaps what is left RUNNING
 
     def shutdown(self) -> None:
         """The storage is gone for good: end the workers without recording anything."""
