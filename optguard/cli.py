@@ -7,6 +7,7 @@ codes come from the typed errors, mapped in ``main`` and nowhere else.
 from __future__ import annotations
 
 import logging
+import math
 import sys
 import time
 import traceback
@@ -21,7 +22,38 @@ if TYPE_CHECKING:
     from optguard.recovery import Recovery
     from optguard.supervision import RunResult
 
+
+def _help_as_written(command: Any, ctx: Any) -> None:
+    """Prepare the options' help of ``command`` for display, once: flags (``--debug``,
+    ``--help``, ``--keep-pools/--no-keep-pools``) get an empty metavar, so no ``<bool>``
+    reads as if they took a value; and where Typer renders help with Rich, the ``[`` of the
+    defaults (``[tpe]``, ``[median]``, ``[logs]``) is escaped, or Rich markup would read
+    them as style tags and drop them."""
+    for param in command.get_params(ctx):
+        if getattr(param, "_optguard_help", False):
+            continue
+        param._optguard_help = True
+        if getattr(param, "is_flag", False) and param.metavar is None:
+            param.metavar = ""
+        help_text = getattr(param, "help", None)
+        if help_text and typer.core.HAS_RICH:
+            param.help = help_text.replace("[", "\\[")
+
+
+class _Command(typer.core.TyperCommand):
+    def format_help(self, ctx: Any, formatter: Any) -> None:
+        _help_as_written(self, ctx)
+        super().format_help(ctx, formatter)
+
+
+class _Group(typer.core.TyperGroup):
+    def format_help(self, ctx: Any, formatter: Any) -> None:
+        _help_as_written(self, ctx)
+        super().format_help(ctx, formatter)
+
+
 app = typer.Typer(
+    cls=_Group,
     name="optguard",
     help="Guarded Optuna studies: per-trial time and memory limits, cleanup, resumable runs.",
     add_completion=False,
@@ -41,14 +73,29 @@ StorageOpt = typer.Option(
     "--storage",
     envvar="OPTGUARD_STORAGE",
     show_envvar=False,
-    help="Optuna storage URL (sqlite, postgresql, mysql). Default: sqlite file optguard.db.",
+    help="Optuna storage URL (sqlite, postgresql, mysql) or journal:///path.log (Optuna's "
+    "journal file). Default: sqlite file optguard.db.",
 )
 NTrialsOpt = typer.Option(None, "--n-trials", help="Total trials of the study, all workers.")
 TimeoutOpt = typer.Option(None, "--timeout", help="Per-trial wall clock: 90s, 30m, 1.5h. [30m]")
 MaxRssOpt = typer.Option(None, "--max-rss", help="Per-trial memory: 512MB, 12GB, 12GiB. [12GB]")
-DirectionOpt = typer.Option(None, "--direction", help="minimize or maximize. [minimize]")
+DirectionOpt = typer.Option(
+    None, "--direction", metavar="DIRECTION", help="minimize or maximize; repeat it (or use "
+    "--directions) for a multi-objective study. [an existing study's own; minimize]",
+)
+DirectionsOpt = typer.Option(
+    None, "--directions", help="Comma list, one per objective: minimize,maximize."
+)
+SeedOpt = typer.Option(
+    None, "--seed", help="Seed each worker's sampler reproducibly (a different seed per worker "
+    "and per restart, derived from this one).",
+)
 SamplerOpt = typer.Option(None, "--sampler", help="tpe, random, cmaes, qmc, gp, nsga2. [tpe]")
-PrunerOpt = typer.Option(None, "--pruner", help="median, none, halving, hyperband. [median]")
+PrunerOpt = typer.Option(
+    None, "--pruner", help="median, none, halving, hyperband, wilcoxon[:P] (per-fold reports: "
+    "step = fold id), patient:N[:PRUNER] (Optuna's PatientPruner around PRUNER, median if "
+    "none given). [median]",
+)
 ConfigOpt = typer.Option(None, "--config", help="TOML file with any of these options.")
 LogDirOpt = typer.Option(None, "--log-dir", help="Directory of the worker logs. [logs]")
 MaxTrialsPerWorkerOpt = typer.Option(
@@ -122,9 +169,8 @@ class _Renderer:
 
     def __call__(self, progress: "Progress") -> None:
         if self.bar is not None:
-            best = "-" if progress.best_value is None else f"{progress.best_value:.6g}"
             reasons = ", ".join(f"{k} {v}" for k, v in sorted(progress.prune_reasons.items()))
-            info = f"best {best}  running {progress.running}"
+            info = f"{progress.best_text()}  running {progress.running}"
             info += f"  pruned {progress.states.get('PRUNED', 0)}" + (f" ({reasons})" if reasons else "")
             self.bar.update(self.task, completed=progress.finished, info=info)
             return
@@ -145,7 +191,7 @@ class _Renderer:
             self.bar.stop()
 
 
-@app.command()
+@app.command(cls=_Command)
 def run(
     study: Optional[str] = StudyOpt,
     objective: Optional[str] = ObjectiveOpt,
@@ -154,9 +200,11 @@ def run(
     storage: Optional[str] = StorageOpt,
     timeout: Optional[str] = TimeoutOpt,
     max_rss: Optional[str] = MaxRssOpt,
-    direction: Optional[str] = DirectionOpt,
+    direction: Optional[list[str]] = DirectionOpt,
+    directions: Optional[str] = DirectionsOpt,
     sampler: Optional[str] = SamplerOpt,
     pruner: Optional[str] = PrunerOpt,
+    seed: Optional[int] = SeedOpt,
     config: Optional[Path] = ConfigOpt,
     log_dir: Optional[Path] = LogDirOpt,
     grace: Optional[str] = typer.Option(
@@ -186,6 +234,11 @@ def run(
     ),
     min_delta: Optional[float] = typer.Option(
         None, "--min-delta", help="Improvement that counts for --patience. [0]"
+    ),
+    terminate: Optional[bool] = typer.Option(
+        None, "--terminate/--no-terminate", help="End the study on every host when Optuna's "
+        "terminator says the regret bound fell below the statistical error (the objective "
+        "reports cross-validation scores). [off]",
     ),
     heartbeat: Optional[str] = typer.Option(
         None, "--heartbeat", help="Interval of the RDB heartbeat of running trials; a trial "
@@ -219,11 +272,13 @@ def run(
     """Run a guarded study with N worker processes on one shared storage."""
     opts = _options(
         study=study, objective=objective, workers=workers, n_trials=n_trials, storage=storage,
-        timeout=timeout, max_rss=max_rss, direction=direction, sampler=sampler, pruner=pruner,
-        config=config, log_dir=log_dir, grace=grace, memory_grace=memory_grace,
+        timeout=timeout, max_rss=max_rss, direction=direction or None, directions=directions,
+        sampler=sampler, pruner=pruner, seed=seed, config=config, log_dir=log_dir, grace=grace,
+        memory_grace=memory_grace,
         kill_after=kill_after, memory_ceiling=memory_ceiling, max_system_ram=max_system_ram,
         max_trials_per_worker=max_trials_per_worker, recycle_rss=recycle_rss, tag=tag,
         retry_pruned=retry_pruned, patience=patience, min_delta=min_delta, heartbeat=heartbeat,
+        terminate=terminate,
         checkpoint_dir=checkpoint_dir, checkpoint_budget=checkpoint_budget,
         start_timeout=start_timeout, fail_fast=fail_fast, storage_outage=storage_outage,
         threads_per_worker=threads_per_worker, cpu_affinity=cpu_affinity, keep_pools=keep_pools,
@@ -285,7 +340,7 @@ def _summary(result: "RunResult") -> None:
         raise typer.Exit(EXIT_INTERRUPTED)
 
 
-@app.command()
+@app.command(cls=_Command)
 def worker(
     study: Optional[str] = StudyOpt,
     objective: Optional[str] = ObjectiveOpt,
@@ -293,9 +348,11 @@ def worker(
     storage: Optional[str] = StorageOpt,
     timeout: Optional[str] = TimeoutOpt,
     max_rss: Optional[str] = MaxRssOpt,
-    direction: Optional[str] = DirectionOpt,
+    direction: Optional[list[str]] = DirectionOpt,
+    directions: Optional[str] = DirectionsOpt,
     sampler: Optional[str] = SamplerOpt,
     pruner: Optional[str] = PrunerOpt,
+    seed: Optional[int] = SeedOpt,
     config: Optional[Path] = ConfigOpt,
     log_dir: Optional[Path] = LogDirOpt,
     index: int = typer.Option(0, "--index", min=0, help="Worker number in the log file name."),
@@ -310,9 +367,9 @@ def worker(
     """Run one worker in this process (what `run` starts N times; start more on other hosts)."""
     opts = _options(
         study=study, objective=objective, n_trials=n_trials, storage=storage, timeout=timeout,
-        max_rss=max_rss, direction=direction, sampler=sampler, pruner=pruner, config=config,
-        log_dir=log_dir, workers=None, max_trials_per_worker=max_trials_per_worker,
-        recycle_rss=recycle_rss, tag=tag, checkpoint_dir=checkpoint_dir,
+        max_rss=max_rss, direction=direction or None, directions=directions, sampler=sampler,
+        pruner=pruner, seed=seed, config=config, log_dir=log_dir, workers=None,
+        max_trials_per_worker=max_trials_per_worker, recycle_rss=recycle_rss, tag=tag, checkpoint_dir=checkpoint_dir,
         checkpoint_budget=checkpoint_budget, storage_outage=storage_outage,
         keep_pools=keep_pools,
     )  # fmt: skip
@@ -330,7 +387,7 @@ def _request(study: str, storage: Optional[str], action: str) -> None:
     print(f"optguard: {action} requested for study {study!r} on {where}")
 
 
-@app.command()
+@app.command(cls=_Command)
 def stop(
     study: str = typer.Option(..., "--study", help="Study to stop."),
     storage: Optional[str] = StorageOpt,
@@ -339,7 +396,7 @@ def stop(
     _request(study, storage, "stop")
 
 
-@app.command()
+@app.command(cls=_Command)
 def cancel(
     study: str = typer.Option(..., "--study", help="Study to cancel."),
     storage: Optional[str] = StorageOpt,
@@ -349,7 +406,7 @@ def cancel(
     _request(study, storage, "cancel")
 
 
-@app.command()
+@app.command(cls=_Command)
 def report(
     study: str = typer.Option(..., "--study", help="Study to report on."),
     storage: Optional[str] = StorageOpt,
@@ -357,33 +414,64 @@ def report(
     plot: Optional[Path] = typer.Option(
         None, "--plot", help="Write memory and duration per trial to FILE.png or FILE.html."
     ),
+    html: Optional[Path] = typer.Option(
+        None, "--html", help="Write the whole report as one self-contained page to FILE."
+    ),
 ) -> None:
     """What happened in a study: states, guard prunes, retries, leaks, patterns, limits."""
     import json
 
     from optguard.report import build_report, write_plot
+    from optguard.report_html import write_html
 
     data = build_report(study, storage)
     if plot is not None:
         write_plot(data, plot)
+    if html is not None:
+        write_html(data, html)
     if as_json:
-        print(json.dumps(data, indent=2, sort_keys=True))
+        print(json.dumps(_strict_json(data), indent=2, sort_keys=True, allow_nan=False))
         return
     _render_report(data)
     if plot is not None:
         print(f"plot written to {plot}")
+    if html is not None:
+        print(f"report page written to {html}")
+
+
+def _strict_json(value: Any) -> Any:
+    """``value`` with every infinite or NaN float as the string ``"inf"``, ``"-inf"`` or
+    ``"nan"``: JSON has no such numbers, and strict parsers (jq) refuse Python's
+    ``Infinity``, which an objective value or a Pareto point can be."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return "nan" if math.isnan(value) else ("inf" if value > 0 else "-inf")
+    if isinstance(value, dict):
+        return {k: _strict_json(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_strict_json(v) for v in value]
+    return value
 
 
 def _render_report(data: dict[str, Any]) -> None:
     from rich.console import Console
+    from rich.markup import escape
     from rich.table import Table
 
     console = Console(soft_wrap=True)  # long lines stay whole for grep and pipes
     best = data["best"]
-    best_text = "-" if best is None else f"{best['value']:.6g} (#{best['trial']})"
+    if len(data["directions"]) > 1:
+        front = data["best_trials"]
+        best_text = f"Pareto front of {len(front)} trial(s) ({', '.join(data['directions'])})"
+    else:
+        best_text = "best " + ("-" if best is None else f"{best['value']:.6g} (#{best['trial']})")
     console.print(
-        f"[bold]{data['study']}[/] on {data['storage']}: {data['trials']} trials, best {best_text}"
+        f"[bold]{escape(data['study'])}[/] on {escape(data['storage'])}: {data['trials']} "
+        f"trials, {best_text}"
     )
+    if len(data["directions"]) > 1:
+        for row in data["best_trials"]:
+            values = ", ".join(f"{v:.6g}" for v in row["values"])
+            console.print(escape(f"  #{row['trial']}: [{values}]"))  # "[inf, 5]" is no tag
 
     def counts(title: str, values: dict[str, Any]) -> None:
         table = Table(title=title, title_justify="left")
@@ -396,28 +484,53 @@ def _render_report(data: dict[str, Any]) -> None:
     counts("States", data["states"])
     counts("Ended by optguard", {**data["guard_prunes"], "hard kills": data["hard_kills"]})
     retries = data["retries"]
-    console.print(f"Retries: {retries['count']} {retries['outcomes'] or ''}")
-    console.print("Per tag: " + "; ".join(f"{t}: {c}" for t, c in data["tags"].items()))
+    outcomes = f" ({_state_words(retries['outcomes'])})" if retries["outcomes"] else ""
+    console.print(f"Retries: {retries['count']}{outcomes}", markup=False, highlight=False)
+    tags = "; ".join(f"{t}: {_state_words(c)}" for t, c in data["tags"].items())
+    console.print(f"Per tag: {tags or 'no trials'}", markup=False, highlight=False)
     for worker, trend in data["memory_trend"].items():
         flag = " [red]LEAK: cleanup is not reclaiming[/]" if trend["leak"] else ""
         console.print(
             f"Memory {worker}: final {trend['final_mb'][0]} -> {trend['final_mb'][-1]} MB over "
             f"{len(trend['trials'])} trials, {trend['growth_mb_per_trial']:+.2f} MB/trial{flag}"
         )
+    if any(trend["leak"] for trend in data["memory_trend"].values()):
+        console.print(f"Leak rule: {data['leak_rule']}", markup=False, highlight=False)
     for pattern in data["patterns"]:
-        console.print(f"Pattern: {pattern['text']}")
+        console.print(f"Pattern: {pattern['text']}", markup=False, highlight=False)
+    console.print(
+        f"Patterns: {'' if data['patterns'] else 'none found; '}rule: {data['pattern_rule']}",
+        markup=False, highlight=False,
+    )  # fmt: skip
     console.print(
         "Slowest: " + ", ".join(f"#{r['trial']} {r['duration_s']:.1f}s" for r in data["slowest"])
     )
     for kind, rows in data["closest_to_limits"].items():
-        if rows:
+        close = [r for r in rows if r["fraction"] >= CLOSE_FRACTION]
+        if close:
             console.print(
                 f"Closest to the {kind} limit: "
-                + ", ".join(f"#{r['trial']} {r['fraction']:.0%}" for r in rows)
+                + ", ".join(f"#{r['trial']} {r['fraction']:.0%}" for r in close)
+            )
+        elif rows:
+            console.print(
+                f"Closest to the {kind} limit: none, no trial used {CLOSE_FRACTION:.0%} of it"
             )
 
 
-@app.command()
+STATE_ORDER = ("COMPLETE", "PRUNED", "FAIL", "RUNNING", "WAITING")
+CLOSE_FRACTION = 0.01  # below this share of a limit, a trial is not "close" to it
+
+
+def _state_words(counts: dict[str, int]) -> str:
+    """``13 complete, 2 pruned``: trial counts per state in words, in a fixed order."""
+    order = {state: i for i, state in enumerate(STATE_ORDER)}
+    ranked = sorted(counts.items(), key=lambda kv: (order.get(kv[0], len(order)), kv[0]))
+    words = {"FAIL": "failed"}
+    return ", ".join(f"{n} {words.get(s, s.lower())}" for s, n in ranked if n) or "none"
+
+
+@app.command(cls=_Command)
 def monitor(
     interval: Optional[str] = typer.Option(None, "--interval", help="Between samples. [30s]"),
     log: Optional[Path] = typer.Option(
@@ -501,12 +614,13 @@ def _analyze(path: Path, thresholds: Any, as_json: bool, plot: Optional[Path]) -
 
 
 checkpoints_app = typer.Typer(
-    name="checkpoints", help="Trial checkpoints (optguard.checkpoints).", no_args_is_help=True
+    cls=_Group, name="checkpoints", help="Trial checkpoints (optguard.checkpoints).",
+    no_args_is_help=True,
 )
 app.add_typer(checkpoints_app)
 
 
-@checkpoints_app.command("prune")
+@checkpoints_app.command("prune", cls=_Command)
 def checkpoints_prune(
     study: str = typer.Option(..., "--study", help="Study whose checkpoints to prune."),
     storage: Optional[str] = StorageOpt,

@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any, Mapping
 
 from optguard.checkpointing import DEFAULT_ROOT as DEFAULT_CHECKPOINT_DIR
+from optguard.early_stopping import patience_error
 from optguard.errors import ConfigError, UsageError
 from optguard.limits import (
     DEFAULT_MAX_RSS,
@@ -20,7 +21,8 @@ from optguard.limits import (
     parse_ratio,
     parse_size,
 )
-from optguard.study import DIRECTIONS, PRUNERS, SAMPLERS
+from optguard.study import SAMPLERS, parse_directions, parse_pruner, sampler_error
+from optguard.termination import terminate_error
 
 __all__ = ["RunOptions", "resolve_options", "CONFIG_KEYS"]
 
@@ -34,6 +36,7 @@ CONFIG_KEYS: dict[str, tuple[type, ...]] = {
     "timeout": (str, int, float),
     "max_rss": (str, int),
     "direction": (str,),
+    "directions": (str, list),
     "sampler": (str,),
     "pruner": (str,),
     "log_dir": (str,),
@@ -47,6 +50,7 @@ CONFIG_KEYS: dict[str, tuple[type, ...]] = {
     "tag": (str,),
     "retry_pruned": (str, list),
     "patience": (int,),
+    "terminate": (bool,),
     "heartbeat": (str, int, float),
     "min_delta": (int, float),
     "checkpoint_dir": (str,),
@@ -57,8 +61,10 @@ CONFIG_KEYS: dict[str, tuple[type, ...]] = {
     "threads_per_worker": (int,),
     "cpu_affinity": (bool,),
     "keep_pools": (bool,),
+    "seed": (int,),
 }
 RETRY_REASONS = ("timeout", "memory", "system_memory", "worker_died")
+DIRECTION_KEYS = ("direction", "directions")
 
 
 @dataclass(frozen=True)
@@ -71,7 +77,9 @@ class RunOptions:
     workers: int = 1
     n_trials: int | None = None
     limits: Limits = Limits()
-    direction: str = "minimize"
+    # One per objective; () = not given: an existing study's own, minimize for a new one
+    # (``study.resolve_directions``, once the storage is open).
+    directions: tuple[str, ...] = ()
     sampler: str = "tpe"
     pruner: str = "median"
     log_dir: Path = Path("logs")
@@ -81,6 +89,7 @@ class RunOptions:
     tag: str | None = None
     retry_pruned: tuple[str, ...] = ()
     patience: int | None = None
+    terminate: bool = False  # the supervisor evaluates optuna.terminator (optguard.termination)
     heartbeat_s: float = 30.0
     min_delta: float = 0.0
     checkpoint_dir: Path = DEFAULT_CHECKPOINT_DIR
@@ -91,6 +100,7 @@ class RunOptions:
     threads_per_worker: int | None = None  # None: the cores available / workers (threads.py)
     cpu_affinity: bool = False  # pin each worker to its own threads_per_worker cores
     keep_pools: bool = True  # idle pool workers a trial leaves survive it (optguard.leftovers)
+    seed: int | None = None  # each worker's sampler gets study.worker_seed(seed, ...)
 
     def with_storage(self, url: str) -> "RunOptions":
         return replace(self, storage=url)
@@ -128,6 +138,9 @@ def resolve_options(flags: Mapping[str, Any], config: Path | None = None) -> Run
     """Merge a config file with flags (flags win; ``None`` means not given) and validate."""
     file_values = load_config(config) if config is not None else {}
     merged: dict[str, Any] = dict(file_values)
+    if any(flags.get(key) is not None for key in DIRECTION_KEYS):
+        for key in DIRECTION_KEYS:  # a flag replaces the file's directions, in either form
+            merged.pop(key, None)
     merged.update({k: v for k, v in flags.items() if v is not None})
 
     def name(key: str) -> str:
@@ -145,10 +158,24 @@ def resolve_options(flags: Mapping[str, Any], config: Path | None = None) -> Run
         value = merged.get(key)
         if value is not None and value < 1:
             raise UsageError(f"{name(key)} must be at least 1, got {value}")
-    for key, choices in (("direction", DIRECTIONS), ("sampler", SAMPLERS), ("pruner", PRUNERS)):
-        value = merged.get(key)
-        if value is not None and value not in choices:
-            raise UsageError(f"{name(key)} must be one of {', '.join(choices)}, got {value!r}")
+    sampler = merged.get("sampler")
+    if sampler is not None and sampler not in SAMPLERS:
+        raise UsageError(f"{name('sampler')} must be one of {', '.join(SAMPLERS)}, got {sampler!r}")
+    pruner = merged.get("pruner")
+    pruner = None if pruner is None else parse_pruner(pruner, name("pruner")).text
+    directions = _directions(merged, name)
+    seed = merged.get("seed")
+    if seed is not None and seed < 0:
+        raise UsageError(f"{name('seed')} must be >= 0, got {seed}")
+    # A new multi-objective study is refused here, before the storage is touched; an existing
+    # one's directions are only known once it is open (supervision.prepare_study).
+    refused = (
+        patience_error(merged.get("patience"), len(directions))
+        or terminate_error(merged.get("terminate"), len(directions))
+        or sampler_error(merged.get("sampler", "tpe"), len(directions), name("sampler"))
+    )
+    if refused is not None:
+        raise UsageError(refused)
 
     timeout = merged.get("timeout")
     max_rss = merged.get("max_rss")
@@ -191,9 +218,9 @@ def resolve_options(flags: Mapping[str, Any], config: Path | None = None) -> Run
         workers=merged.get("workers", defaults.workers),
         n_trials=merged.get("n_trials"),
         limits=limits,
-        direction=merged.get("direction", defaults.direction),
+        directions=directions,
         sampler=merged.get("sampler", defaults.sampler),
-        pruner=merged.get("pruner", defaults.pruner),
+        pruner=pruner or defaults.pruner,
         log_dir=Path(merged.get("log_dir", defaults.log_dir)),
         escalation=escalation,
         max_trials_per_worker=merged.get("max_trials_per_worker"),
@@ -201,6 +228,7 @@ def resolve_options(flags: Mapping[str, Any], config: Path | None = None) -> Run
         tag=merged.get("tag"),
         retry_pruned=tuple(retry),
         patience=merged.get("patience"),
+        terminate=bool(merged.get("terminate", defaults.terminate)),
         heartbeat_s=parsed("heartbeat", parse_duration, defaults.heartbeat_s),
         min_delta=float(min_delta),
         checkpoint_dir=Path(merged.get("checkpoint_dir", defaults.checkpoint_dir)),
@@ -213,4 +241,23 @@ def resolve_options(flags: Mapping[str, Any], config: Path | None = None) -> Run
         threads_per_worker=merged.get("threads_per_worker"),
         cpu_affinity=bool(merged.get("cpu_affinity", defaults.cpu_affinity)),
         keep_pools=bool(merged.get("keep_pools", defaults.keep_pools)),
+        seed=seed,
     )
+
+
+def _directions(merged: Mapping[str, Any], name: Any) -> tuple[str, ...]:
+    """``direction`` (a string, or a list from a repeated ``--direction``) or ``directions``
+    (a list or a comma string): one of them, parsed."""
+    given = [key for key in DIRECTION_KEYS if merged.get(key) is not None]
+    if len(given) > 1:
+        raise UsageError(f"{name('direction')} and {name('directions')}: give only one")
+    if not given:
+        return ()
+    value = merged[given[0]]
+    values = [value] if isinstance(value, str) else list(value)
+    if not all(isinstance(v, str) for v in values):
+        raise UsageError(f"{name(given[0])} must be a list of strings")
+    directions = parse_directions(values, name(given[0]))
+    if not directions:
+        raise UsageError(f"{name(given[0])} is empty")
+    return directions

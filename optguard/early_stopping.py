@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING, Sequence
 if TYPE_CHECKING:
     from optuna.trial import FrozenTrial
 
-__all__ = ["EarlyStopping", "study_plateaued"]
+__all__ = ["EarlyStopping", "study_plateaued", "patience_error"]
 
 # A child of the worker's logger: inside an optguard worker its line lands in the worker log.
 _log = logging.getLogger("optguard.worker.early_stopping")
@@ -64,6 +64,18 @@ class EarlyStopping:
         return self.stopped
 
 
+def patience_error(patience: int | None, n_objectives: int) -> str | None:
+    """Why ``--patience`` cannot apply, or ``None``: a plateau is defined on one best value,
+    and a multi-objective study has a Pareto front instead (whose growth or shift is no
+    agreed plateau), so it is refused rather than guessed."""
+    if patience is None or n_objectives <= 1:
+        return None
+    return (
+        f"--patience needs a single-objective study: this one has {n_objectives} objectives "
+        "(a Pareto front, not a best value that can plateau)"
+    )
+
+
 def study_plateaued(
     finished: Sequence["FrozenTrial"], patience: int, min_delta: float, maximize: bool
 ) -> str | None:
@@ -75,7 +87,11 @@ def study_plateaued(
     pick = max if maximize else min
 
     def best(trials: Sequence["FrozenTrial"]) -> float | None:
-        values = [t.value for t in trials if t.value is not None]
+        # as study.best_trial: an infeasible trial (a constraint > 0) is never the best
+        values = [
+            t.value for t in trials
+            if t.value is not None and all(c <= 0 for c in t.constraints.values())
+        ]  # fmt: skip
         return pick(values) if values else None
 
     before, recent = best(ordered[:-patience]), best(ordered[-patience:])

@@ -13,7 +13,7 @@ from typing import Any, Iterable, Iterator, TypeVar
 
 import optuna
 
-from optguard.limits import Limits, format_gb, format_minutes
+from optguard.limits import Limits, format_against
 from optguard.memory import current_rss
 
 __all__ = ["GuardPruned", "TrialGuard", "Violation", "check", "splits"]
@@ -37,25 +37,40 @@ class Violation:
     limit: float
     enforcement: str = "check"  # check, interrupt or hard_kill: which step ended the trial
 
+    def limit_in_unit(self) -> dict[str, float]:
+        """The limit under a name that says its unit, for the trial's attributes:
+        ``limit_s`` for a time limit, ``limit_bytes`` for a memory one, else nothing."""
+        if self.reason == REASON_TIMEOUT:
+            return {"limit_s": self.limit}
+        if self.reason in MEMORY_REASONS:
+            return {"limit_bytes": self.limit}
+        return {}
+
+    def _pair(self) -> tuple[str, str]:
+        """The measured value and the limit, in one unit, printed so they differ if they do."""
+        if self.reason == REASON_TIMEOUT:
+            return format_against(self.elapsed_s, self.limit, "duration")
+        return format_against(self.rss_bytes, self.limit, "size")
+
     @property
     def phrase(self) -> str:
-        """The words users grep for: ``Trial timeout: 31.2min``, ``Memory limit exceeded: 12.1GB``."""
+        """The words users grep for: ``Trial timeout: 31.2min``, ``Memory limit exceeded:
+        12.1GB``."""
         if self.reason == REASON_TIMEOUT:
-            return f"Trial timeout: {format_minutes(self.elapsed_s)}"
+            return f"Trial timeout: {self._pair()[0]}"
         if self.reason in MEMORY_REASONS:
-            return f"Memory limit exceeded: {format_gb(self.rss_bytes)}"
+            return f"Memory limit exceeded: {self._pair()[0]}"
         return f"Trial stopped: {self.reason}"
 
     @property
     def detail(self) -> str:
+        """``limit 30min`` (``system RAM 14.4GB`` for the machine's threshold), in the unit
+        and precision of the phrase's value."""
         if self.reason == REASON_TIMEOUT:
-            return f"limit {format_minutes(self.limit)}, elapsed {self.elapsed_s:.1f}s > {self.limit:g}s"
+            return f"limit {self._pair()[1]}"
         if self.reason in MEMORY_REASONS:
             scope = "system RAM" if self.reason == REASON_SYSTEM_MEMORY else "limit"
-            return (
-                f"{scope} {format_gb(self.limit)}, rss {self.rss_bytes / 1e6:.0f}MB"
-                f" > {self.limit / 1e6:.0f}MB"
-            )
+            return f"{scope} {self._pair()[1]}"
         return f"elapsed {self.elapsed_s:.1f}s"
 
     def log_line(self) -> str:

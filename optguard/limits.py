@@ -1,7 +1,7 @@
 """Trial limits and the units users write them in (``90s``, ``1.5h``, ``512MB``, ``12GiB``).
 
 Sizes follow SI/IEC: ``GB`` is 10**9 bytes and ``GiB`` is 2**30 bytes. Memory shown in log
-lines uses the same decimal ``GB``, so a limit written as ``12GB`` is printed as ``12.0GB``.
+lines uses the same decimal units, so a limit written as ``12GB`` is printed as ``12GB``.
 """
 
 from __future__ import annotations
@@ -21,6 +21,7 @@ __all__ = [
     "parse_ratio",
     "format_gb",
     "format_minutes",
+    "format_against",
 ]
 
 _DURATION_UNITS = {"": 1.0, "s": 1.0, "sec": 1.0, "m": 60.0, "min": 60.0, "h": 3600.0, "d": 86400.0}
@@ -108,6 +109,64 @@ def format_gb(nbytes: float, digits: int = 1) -> str:
 def format_minutes(seconds: float) -> str:
     """``31.2min``, the form users grep for."""
     return f"{seconds / 60.0:.1f}min"
+
+
+# (unit, its size); the unit of a pair is the largest whose size the limit reaches
+DURATION_UNITS = (("s", 1.0), ("min", 60.0), ("h", 3600.0))
+DURATION_UNIT_FROM = {"s": 0.0, "min": 120.0, "h": 3600.0}  # 90s stays 90s, not 1.5min
+SIZE_UNITS = (("B", 1.0), ("KB", 1e3), ("MB", 1e6), ("GB", 1e9), ("TB", 1e12))
+MAX_DECIMALS = 6
+
+
+def _unit(limit: float, kind: str) -> tuple[str, float]:
+    if kind == "duration":
+        choices = [(n, f) for n, f in DURATION_UNITS if limit >= DURATION_UNIT_FROM[n]]
+    elif kind == "size":
+        choices = [(n, f) for n, f in SIZE_UNITS if limit >= f]
+    else:
+        raise ValueError(f"unknown kind {kind!r}")
+    return (choices or [SIZE_UNITS[0] if kind == "size" else DURATION_UNITS[0]])[-1]
+
+
+def _fixed(number: float, decimals: int) -> str:
+    return f"{number:.{decimals}f}"
+
+
+def _strip(text: str) -> str:
+    return text.rstrip("0").rstrip(".") if "." in text else text
+
+
+def format_against(value: float, limit: float, kind: str) -> tuple[str, str]:
+    """``(value, limit)`` as two strings in one unit, e.g. ``("416MB", "400MB")``.
+
+    ``kind`` is ``"duration"`` (seconds in; ``s``, ``min`` or ``h`` out) or ``"size"`` (bytes
+    in; decimal ``B`` to ``TB`` out). The unit is the limit's, so the limit never prints as
+    zero (``2s``, not ``0.0min``); the limit is shown without trailing zeros, exact up to four
+    significant digits; the value gets one decimal below 100 units and none above, and more,
+    up to six, until it prints differently from the limit (``400.4MB`` against ``400MB``)
+    and, when it is not zero, differently from zero. A value closer to the limit than six
+    decimals can show is printed one last-decimal step past it (``3.000001h`` for 3 h and
+    a millisecond), so a value over its limit never reads as equal to it.
+    """
+    if not (math.isfinite(limit) and limit > 0):
+        name, factor = _unit(abs(value) if math.isfinite(value) else 0.0, kind)
+        return _strip(_fixed(value / factor, 1)) + name, "-"
+    name, factor = _unit(limit, kind)
+    v, lim = value / factor, limit / factor
+    cap = min(MAX_DECIMALS, max(0, 3 - math.floor(math.log10(lim))))
+    limit_decimals = next(
+        (d for d in range(cap + 1) if abs(round(lim, d) - lim) <= 1e-9 * lim), cap
+    )
+    decimals = max(1 if lim < 100 else 0, limit_decimals)
+    while decimals < MAX_DECIMALS and (
+        (v != lim and _fixed(v, decimals) == _fixed(lim, decimals))
+        or (v != 0 and float(_fixed(v, decimals)) == 0)
+    ):
+        decimals += 1
+    if v != lim and _fixed(v, decimals) == _fixed(lim, decimals):
+        # closer than the last decimal shown: one step off the limit, on the value's side
+        v = round(lim, decimals) + math.copysign(10.0**-decimals, v - lim)
+    return _fixed(v, decimals) + name, _strip(_fixed(lim, limit_decimals)) + name
 
 
 @dataclass(frozen=True)

@@ -14,10 +14,15 @@ from __future__ import annotations
 
 import enum
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import psutil
 
-__all__ = ["Beat", "Owner", "Proc", "Verdict", "parse_owner", "probe", "trial_verdict"]
+if TYPE_CHECKING:
+    from optuna.trial import FrozenTrial
+
+__all__ = ["Beat", "Owner", "Proc", "Verdict", "parse_owner", "probe", "probe_trial",
+           "trial_verdict"]
 
 
 class Verdict(enum.Enum):
@@ -70,6 +75,13 @@ def probe(pid: int, started_at: float) -> Proc:
         return Proc.GONE
     except psutil.Error:
         return Proc.UNREADABLE
+
+
+def probe_trial(owner: Owner, trial: "FrozenTrial") -> Proc:
+    """``probe`` of a trial's owner on this host, against the trial's start: a pid started
+    after the trial is a reused one."""
+    started = trial.datetime_start.timestamp() if trial.datetime_start else 0.0
+    return probe(owner.pid, started)
 
 
 def trial_verdict(

@@ -179,8 +179,11 @@ class WorkerWatch:
 
     def close(self) -> None:
         if self._storage is not None:
-            self._storage.remove_session()
-            self._storage.engine.dispose()
+            from optguard.storage import is_rdb
+
+            if is_rdb(self._storage):  # the journal file holds no connection
+                self._storage.remove_session()
+                self._storage.engine.dispose()
             self._storage = None
 
 

@@ -1,8 +1,9 @@
 """``optguard monitor --analyze``: what a memory log says, for people and machines.
 
 Reads the JSONL log of ``optguard monitor``: peaks and means, time at or above each
-threshold, the RAM trend (a leak shows as a steady positive slope in MB per hour) and the
-worst moments with the trials running then. A corrupt or truncated line is skipped and
+threshold, the RAM trend (a leak shows as a steady positive slope in MB per hour; none
+from less than a minute of samples, too short to extrapolate to an hour) and the worst
+moments with the trials running then. A corrupt or truncated line is skipped and
 counted, never fatal: the last line of a log whose machine died is often half written.
 """
 
@@ -20,6 +21,7 @@ from optguard.monitor import Thresholds
 __all__ = ["analyze_log", "write_monitor_plot"]
 
 WORST = 3  # the worst moments reported
+MIN_TREND_SPAN_S = 60.0  # a per-hour trend from a shorter window is noise, extrapolated
 
 
 def _read(path: Path) -> tuple[list[dict[str, Any]], int, int]:
@@ -94,7 +96,14 @@ def analyze_log(path: Path, thresholds: Thresholds | None = None) -> dict[str, A
     limits = {"ram_percent": thresholds.ram, "swap_percent": thresholds.swap}
     limits.update({k: thresholds.gpu for k in series if k.startswith("gpu")})
     worst = sorted(samples, key=lambda s: (-float(s["ram"]["used_bytes"]), s["t"]))[:WORST]
-    slope = _slope_per_hour(series["ram_used_mb"])
+    span = samples[-1]["t"] - samples[0]["t"] if samples else 0.0
+    slope = _slope_per_hour(series["ram_used_mb"]) if span >= MIN_TREND_SPAN_S else None
+    note = None
+    if slope is None and len(samples) >= 2 and span < MIN_TREND_SPAN_S:
+        note = (
+            f"window too short: {span:.3g}s of samples, a trend needs at least "
+            f"{MIN_TREND_SPAN_S:g}s"
+        )
     return {
         "file": str(path),
         "samples": len(samples),
@@ -114,6 +123,7 @@ def analyze_log(path: Path, thresholds: Thresholds | None = None) -> dict[str, A
             for name, limit in limits.items()
         },
         "ram_trend_mb_per_hour": None if slope is None else round(slope, 3),
+        "ram_trend_note": note,
         "worst": [
             {"timestamp": s["timestamp"], "ram_percent": float(s["ram"]["percent"]),
              "ram_used_mb": round(float(s["ram"]["used_bytes"]) / 1e6, 1),

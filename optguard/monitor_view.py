@@ -108,7 +108,9 @@ def render_analysis(summary: dict[str, Any]) -> None:
                       "" if above is None else f"{above:.0f}s")  # fmt: skip
     out(table)
     trend = summary["ram_trend_mb_per_hour"]
-    out("RAM trend: " + ("-" if trend is None else f"{trend:+.1f} MB/hour (least squares)"))
+    note = summary.get("ram_trend_note")
+    shown = note if trend is None and note else "-"
+    out("RAM trend: " + (shown if trend is None else f"{trend:+.1f} MB/hour (least squares)"))
     for moment in summary["worst"]:
         workers = ", ".join(
             f"pid {w['pid']} trial {'?' if w['trial'] is None else '#' + str(w['trial'])} "

@@ -6,12 +6,19 @@ matches trials to workers by owner), not a restart (it checks the owner's pid), 
 host (it reaps by heartbeat, which needs the owner to have beaten once). Here the new trial's
 row and its owner attributes are one commit, and so are popping an enqueued (WAITING) trial
 and recording its owner: a trial is never RUNNING without an owner.
+
+The same transaction counts the study's trials against ``n_trials``: a claim is one
+transaction, as ``study.ask()``'s creation is, however many workers share the study.
 """
 
 from __future__ import annotations
 
+import json
 from datetime import datetime
 from typing import TYPE_CHECKING, Any
+
+from optguard.progress import state_counts
+from optguard.storage import rdb_backend
 
 if TYPE_CHECKING:
     import optuna
@@ -19,75 +26,121 @@ if TYPE_CHECKING:
 __all__ = ["ask_owned"]
 
 
-def _rdb_backend(study: optuna.Study) -> Any:
-    """The study's ``RDBStorage`` (behind Optuna's cache), or None for another storage."""
-    from optuna.storages import RDBStorage
+def _claim_row(
+    backend: Any, study_id: int, attrs: dict[str, Any], n_trials: int | None
+) -> tuple[int, Any] | None:
+    """In one transaction: the oldest WAITING trial set RUNNING, else a new RUNNING trial
+    unless the study has ``n_trials`` (finished or running), each with ``attrs``.
 
-    storage = study._storage
-    backend = getattr(storage, "_backend", storage)
-    return backend if isinstance(backend, RDBStorage) else None
-
-
-def _pop_waiting(study: optuna.Study, backend: Any, attrs: dict[str, Any]) -> int | None:
-    """The oldest WAITING trial set RUNNING with ``attrs``, in one transaction each try.
-
-    The list comes through the study's cached storage, as in ``Study.ask``: the cache must
-    know a trial before ``set_trial_param`` on it works.
+    Returns ``(trial_id, frozen)``, ``frozen`` being the new trial (``None`` for a popped
+    one), or ``None`` when the study has its trials. The caller serializes claims
+    (``TrialSlots.lock``); the study row's lock also orders trial numbers, as in Optuna.
     """
     from optuna.storages._rdb import models
     from optuna.storages._rdb.storage import _create_scoped_session
-    from optuna.trial import TrialState
-
-    waiting_trials = study._storage.get_all_trials(
-        study._study_id, deepcopy=False, states=(TrialState.WAITING,)
-    )
-    for waiting in waiting_trials:
-        with _create_scoped_session(backend.scoped_session, True) as session:
-            row = models.TrialModel.find_or_raise_by_id(waiting._trial_id, session, for_update=True)
-            if row.state != TrialState.WAITING:
-                continue  # another worker popped it first
-            row.state = TrialState.RUNNING
-            row.datetime_start = datetime.now()
-            for key, value in attrs.items():
-                backend._set_trial_attr_without_commit(
-                    session, models.TrialUserAttributeModel, row.trial_id, key, value
-                )
-            return int(row.trial_id)
-    return None
-
-
-def _new_running(study: optuna.Study, attrs: dict[str, Any]) -> int:
     from optuna.trial import FrozenTrial, TrialState
 
-    template = FrozenTrial(
-        number=0,
-        state=TrialState.RUNNING,
-        value=None,
-        datetime_start=datetime.now(),
-        datetime_complete=None,
-        params={},
-        distributions={},
-        user_attrs=dict(attrs),
-        system_attrs={},
-        intermediate_values={},
-        trial_id=0,
-    )
-    return study._storage.create_new_trial(study._study_id, template_trial=template)
+    with _create_scoped_session(backend.scoped_session) as session:
+        models.StudyModel.find_or_raise_by_id(study_id, session, for_update=True)
+        counts = {state: int(n) for state, n in session.execute(state_counts(study_id))}
+        if counts.get(TrialState.WAITING):
+            row = (
+                session.query(models.TrialModel)
+                .filter(models.TrialModel.study_id == study_id)
+                .filter(models.TrialModel.state == TrialState.WAITING)
+                .order_by(models.TrialModel.trial_id)
+                .with_for_update()
+                .first()
+            )
+            if row is not None:
+                row.state = TrialState.RUNNING
+                row.datetime_start = datetime.now()
+                for key, value in attrs.items():
+                    backend._set_trial_attr_without_commit(
+                        session, models.TrialUserAttributeModel, row.trial_id, key, value
+                    )
+                return int(row.trial_id), None
+        taken = sum(n for state, n in counts.items() if state != TrialState.WAITING)
+        if n_trials is not None and taken >= n_trials:
+            return None
+        # Optuna's _get_prepared_new_trial, less a query per attribute (a new trial has none)
+        row = models.TrialModel(
+            study_id=study_id, number=None, state=TrialState.RUNNING, datetime_start=datetime.now()
+        )
+        session.add(row)
+        session.flush()
+        session.add_all(
+            models.TrialUserAttributeModel(
+                trial_id=row.trial_id, key=key, value_json=json.dumps(value)
+            )
+            for key, value in attrs.items()
+        )
+        row.number = row.count_past_trials(session)
+        frozen = FrozenTrial(
+            number=row.number, state=TrialState.RUNNING, value=None,
+            datetime_start=row.datetime_start, datetime_complete=None, params={},
+            distributions={}, user_attrs=dict(attrs), system_attrs={}, intermediate_values={},
+            trial_id=row.trial_id,
+        )  # fmt: skip
+        return int(row.trial_id), frozen
 
 
-def ask_owned(study: optuna.Study, attrs: dict[str, Any]) -> optuna.trial.Trial:
+def ask_owned(
+    study: optuna.Study, attrs: dict[str, Any], n_trials: int | None = None
+) -> optuna.trial.Trial | None:
     """What ``study.ask()`` does (an enqueued trial first, else a new one), with the user
-    attributes ``attrs`` (the owner) written in the same transaction that makes it RUNNING."""
+    attributes ``attrs`` (the owner) written in the same transaction that makes it RUNNING;
+    ``None`` once the study has ``n_trials`` and nothing is enqueued. Not retried here: the
+    caller retries the whole claim through an outage (``TrialSlots.claim``)."""
     import optuna
+    from optuna.storages._cached_storage import _CachedStorage, _StudyInfo
 
-    backend = _rdb_backend(study)
-    if backend is None:  # not an RDB storage: the best it offers is ask, then attributes
-        trial = study.ask()
-        for key, value in attrs.items():
-            trial.set_user_attr(key, value)
-        return trial
+    backend = rdb_backend(study._storage)
+    if backend is None:
+        return _ask_owned_elsewhere(study, attrs, n_trials)
     study._thread_local.cached_all_trials = None
-    trial_id = _pop_waiting(study, backend, attrs)
-    if trial_id is None:
-        trial_id = _new_running(study, attrs)
+    claimed = _claim_row(backend, study._study_id, attrs, n_trials)
+    if claimed is None:
+        return None
+    trial_id, frozen = claimed
+    cache = study._storage
+    if frozen is None or not isinstance(cache, _CachedStorage):
+        # a popped trial: the cache learns it from the storage, as in study.ask()
+        study._storage.get_all_trials(study._study_id, deepcopy=False)
+    else:
+        with cache._lock:  # as _CachedStorage.create_new_trial does with its new trial
+            cache._studies.setdefault(study._study_id, _StudyInfo())
+            cache._add_trials_to_cache(study._study_id, [frozen])
+    return optuna.Trial(study, trial_id)
+
+
+def _ask_owned_elsewhere(
+    study: optuna.Study, attrs: dict[str, Any], n_trials: int | None
+) -> optuna.trial.Trial | None:
+    """``ask_owned`` on a storage without transactions (Optuna's journal file), under the
+    caller's lock: a new trial and its owner are one journal record (a template trial); an
+    enqueued one is given its owner while still WAITING, then set RUNNING, so that a worker
+    dying in between leaves a WAITING trial (run later), never an ownerless RUNNING one."""
+    import optuna
+    from optuna.trial import FrozenTrial, TrialState
+
+    storage = study._storage
+    trials = storage.get_all_trials(study._study_id, deepcopy=False)
+    waiting = [t for t in trials if t.state == TrialState.WAITING]
+    taken = len(trials) - len(waiting)
+    for trial in waiting:
+        for key, value in attrs.items():
+            storage.set_trial_user_attr(trial._trial_id, key, value)
+        if storage.set_trial_state_values(trial._trial_id, TrialState.RUNNING):
+            study._thread_local.cached_all_trials = None
+            return optuna.Trial(study, trial._trial_id)
+        # popped by a process outside optguard's lock (a plain study.optimize): the next one
+    if n_trials is not None and taken >= n_trials:
+        return None
+    template = FrozenTrial(
+        number=0, state=TrialState.RUNNING, value=None, datetime_start=datetime.now(),
+        datetime_complete=None, params={}, distributions={}, user_attrs=dict(attrs),
+        system_attrs={}, intermediate_values={}, trial_id=0,
+    )  # fmt: skip
+    trial_id = study._storage.create_new_trial(study._study_id, template_trial=template)
     return optuna.Trial(study, trial_id)

@@ -8,6 +8,7 @@ created here: a directory is probed with a temporary file, removed at once.
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import tempfile
 from pathlib import Path
@@ -16,8 +17,9 @@ from optguard.checkpointing import DEFAULT_ROOT as DEFAULT_CHECKPOINT_DIR
 from optguard.config import RunOptions
 from optguard.errors import UsageError
 from optguard.objective import check_target
-from optguard.study import missing_sampler_packages
-from optguard.urls import resolve_url, sqlite_path
+from optguard.study import missing_pruner_packages, missing_sampler_packages
+from optguard.termination import TERMINATE_PACKAGES
+from optguard.urls import journal_path, resolve_url, sqlite_path
 
 __all__ = ["check_run_inputs", "check_sampler"]
 
@@ -26,12 +28,17 @@ def check_run_inputs(opts: RunOptions) -> None:
     """Raise ``UsageError`` (exit 2) naming the first problem found in ``opts``."""
     check_target(opts.objective)
     check_sampler(opts.sampler)
+    _check_packages(missing_pruner_packages(opts.pruner), f"--pruner {opts.pruner}")
+    if opts.terminate:
+        _check_packages(
+            [p for p in TERMINATE_PACKAGES if importlib.util.find_spec(p) is None], "--terminate"
+        )
     _check_directory(opts.log_dir, "--log-dir", writable=True)
     # Only objectives calling optguard.checkpoints() write there: the default is not required
     # to be writable (a read-only working directory with a server storage is fine).
     explicit = opts.checkpoint_dir != DEFAULT_CHECKPOINT_DIR
     _check_directory(opts.checkpoint_dir, "--checkpoint-dir", writable=explicit)
-    _check_sqlite(opts.storage)
+    _check_file_storage(opts.storage)
 
 
 def check_sampler(sampler: str) -> None:
@@ -43,6 +50,13 @@ def check_sampler(sampler: str) -> None:
         raise UsageError(
             f"--sampler {sampler} needs the {noun} {names}: pip install {' '.join(missing)}"
         )
+
+
+def _check_packages(missing: list[str], what: str) -> None:
+    if missing:
+        noun = "package" if len(missing) == 1 else "packages"
+        names = ", ".join(repr(m) for m in missing)
+        raise UsageError(f"{what} needs the {noun} {names}: pip install {' '.join(missing)}")
 
 
 def _probe(directory: Path) -> OSError | None:
@@ -82,15 +96,18 @@ def _check_directory(path: Path, option: str, *, writable: bool) -> None:
         raise UsageError(f"{shown}: cannot create it in {real} ({reason})")
 
 
-def _check_sqlite(storage: str | None) -> None:
-    """The SQLite file can be created, or written with its journal and lock files beside it."""
-    path = sqlite_path(resolve_url(storage))
+def _check_file_storage(storage: str | None) -> None:
+    """A SQLite or journal file can be created, or written with the files beside it (write
+    lock, journal, Optuna's journal lock)."""
+    url = resolve_url(storage)
+    path = sqlite_path(url) or journal_path(url)
     if path is None:
         return
+    kind = "SQLite" if sqlite_path(url) is not None else "journal"
     directory = path.parent
     if path.exists():
         if not path.is_file():
-            raise UsageError(f"SQLite storage {path} is not a file")
+            raise UsageError(f"{kind} storage {path} is not a file")
         problem = _probe(directory) if directory.is_dir() else None
         if problem is None:
             try:
@@ -100,13 +117,13 @@ def _check_sqlite(storage: str | None) -> None:
                 problem = exc
         if problem is not None:
             reason = problem.strerror or str(problem)
-            raise UsageError(f"cannot write the SQLite storage {path} ({reason})")
+            raise UsageError(f"cannot write the {kind} storage {path} ({reason})")
         return
     if not directory.is_dir():
         raise UsageError(
-            f"cannot create the SQLite storage {path}: directory {directory} does not exist"
+            f"cannot create the {kind} storage {path}: directory {directory} does not exist"
         )
     problem = _probe(directory)
     if problem is not None:
         reason = problem.strerror or str(problem)
-        raise UsageError(f"cannot create the SQLite storage {path} in {directory} ({reason})")
+        raise UsageError(f"cannot create the {kind} storage {path} in {directory} ({reason})")

@@ -8,15 +8,15 @@ from __future__ import annotations
 
 import socket
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Iterable
+from typing import TYPE_CHECKING, Any, Iterable
 
-from optguard.liveness import Beat, Verdict, parse_owner, probe, trial_verdict
+from optguard.liveness import Beat, Verdict, parse_owner, probe_trial, trial_verdict
 
 if TYPE_CHECKING:
     import optuna
     from optuna.trial import FrozenTrial
 
-__all__ = ["Recovery", "mark_interrupted", "reap_stale", "recover"]
+__all__ = ["Recovery", "mark_interrupted", "reap_stale", "recover", "retry_records"]
 
 ATTR = "optguard."
 REASON_INTERRUPTED = "interrupted"
@@ -88,8 +88,7 @@ def _reap(
         if owner is not None and owner.host == host:
             if owner.pid in skip_pids:
                 continue  # this run's own worker: its exit is handled where it is reaped
-            started = trial.datetime_start.timestamp() if trial.datetime_start else 0.0
-            proc = probe(owner.pid, started)
+            proc = probe_trial(owner, trial)
         beat = beats.get(trial._trial_id, Beat.FRESH)
         supervised = trial.user_attrs.get(ATTR + "beats") is True
         verdict = trial_verdict(owner, host, proc, beat, supervised)
@@ -145,9 +144,32 @@ def _retry(
             continue  # a retry is not retried again: once per configuration
         if trial.user_attrs.get(ATTR + "reason") not in reasons:
             continue  # (a trial ended before it suggested anything is retried too: its slot)
-        study.enqueue_trial(dict(trial.params), user_attrs={ATTR + "retry_of": trial.number})
+        _enqueue_retry(study, trial)
         retried.append(trial.number)
     return retried
+
+
+def retry_records(trial: "FrozenTrial") -> dict[str, Any]:
+    """The system attributes Optuna's ``RetryHeartbeatStaleTrialCallback`` writes on the
+    retry of ``trial``, so that its ``retried_trial_number`` (the first trial of the series)
+    and ``retry_history`` (every trial of it, in order) answer for optguard's retries too."""
+    history = trial.system_attrs.get("retry_history", [])
+    first = trial.system_attrs.get("failed_trial", trial.number)
+    return {"failed_trial": first, "retry_history": [*history, trial.number]}
+
+
+def _enqueue_retry(study: optuna.Study, trial: "FrozenTrial") -> None:
+    """``study.enqueue_trial(trial.params)`` with ``optguard.retry_of`` and Optuna's retry
+    records, in the one transaction that creates the WAITING trial."""
+    import optuna
+
+    study.add_trial(
+        optuna.trial.create_trial(
+            state=optuna.trial.TrialState.WAITING,
+            system_attrs={"fixed_params": dict(trial.params), **retry_records(trial)},
+            user_attrs={ATTR + "retry_of": trial.number},
+        )
+    )
 
 
 def recover(

@@ -3,7 +3,9 @@
 A read-then-write transaction that starts as a reader fails at once with "database is locked"
 when another process wrote meanwhile (the busy timeout does not apply to it), so every
 transaction is ``BEGIN IMMEDIATE``; optguard's own processes queue for it on a lock file,
-which wakes the next one at once where SQLite's busy handler sleeps.
+which wakes the next one at once where SQLite's busy handler sleeps. The exception is a
+storage call known to only read (``reading``): in WAL mode a reader neither waits for the
+writer nor blocks it, so it takes neither lock.
 """
 
 from __future__ import annotations
@@ -13,8 +15,9 @@ import fcntl
 import os
 import sqlite3
 import threading
+import weakref
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 from optguard.errors import StorageError
 
@@ -23,6 +26,7 @@ __all__ = [
     "prepare_file",
     "install_events",
     "in_transaction",
+    "reading",
     "relieve_full_disk",
     "truncate_wal",
 ]
@@ -80,6 +84,19 @@ def in_transaction() -> bool:
 
 
 _busy = 0  # acquires not yet released, over every lock of this process
+_reads = threading.local()  # .depth: reading() calls open in this thread
+
+
+@contextlib.contextmanager
+def reading() -> Iterator[None]:
+    """Transactions this thread begins meanwhile only read: a plain (deferred) ``BEGIN``,
+    without the write lock, so that readers run beside the one writer. Only for code that
+    cannot write: a deferred transaction that writes after another process did fails."""
+    _reads.depth = getattr(_reads, "depth", 0) + 1
+    try:
+        yield
+    finally:
+        _reads.depth -= 1
 
 
 class _WriteLock:
@@ -135,6 +152,7 @@ def install_events(engine: Any, path: Path, queue: bool) -> None:
     from sqlalchemy import event
 
     lock = _WriteLock(Path(str(path) + ".optguard-txn")) if queue else None
+    holding: weakref.WeakSet[Any] = weakref.WeakSet()  # connections whose transaction holds it
 
     @event.listens_for(engine, "connect")
     def _on_connect(dbapi_conn: Any, _record: Any) -> None:
@@ -143,6 +161,9 @@ def install_events(engine: Any, path: Path, queue: bool) -> None:
 
     @event.listens_for(engine, "begin")
     def _on_begin(conn: Any) -> None:
+        if getattr(_reads, "depth", 0):
+            conn.exec_driver_sql("BEGIN")
+            return
         if lock is None:
             conn.exec_driver_sql("BEGIN IMMEDIATE")
             return
@@ -152,9 +173,16 @@ def install_events(engine: Any, path: Path, queue: bool) -> None:
         except BaseException:
             lock.release()  # no transaction began, so no commit or rollback will follow
             raise
+        holding.add(conn)
 
-    if lock is not None:
-        event.listen(engine, "commit", lambda _conn: lock.release())
-        event.listen(engine, "rollback", lambda _conn: lock.release())
+    def _on_end(conn: Any) -> None:
+        # Kept on the Connection object, not in conn.info: after a KeyboardInterrupt inside a
+        # call, SQLAlchemy has invalidated the connection and reading its info raises here.
+        if lock is not None and conn in holding:
+            holding.discard(conn)
+            lock.release()
+
+    event.listen(engine, "commit", _on_end)
+    event.listen(engine, "rollback", _on_end)
 
     engine.dispose()  # connections opened before the events were installed are dropped

@@ -16,8 +16,15 @@ from typing import TYPE_CHECKING, Any, Callable, Iterator
 
 from optguard.errors import StorageError, StorageURLError, UsageError
 from optguard.outage import DEFAULT_OUTAGE_S, Outage, describe, is_transient, outage_of
-from optguard.sqlite import BUSY_TIMEOUT_S, install_events, prepare_file, relieve_full_disk
-from optguard.urls import DEFAULT_DB, mask_url, redact, resolve_url, sqlite_path
+from optguard.sqlite import (
+    BUSY_TIMEOUT_S,
+    install_events,
+    prepare_file,
+    reading,
+    relieve_full_disk,
+)
+from optguard.storage_calls import guarded
+from optguard.urls import DEFAULT_DB, journal_path, mask_url, redact, resolve_url, sqlite_path
 
 if TYPE_CHECKING:
     import optuna
@@ -31,6 +38,9 @@ __all__ = [
     "open_storage",
     "open_existing_study",
     "TrialSlots",
+    "is_rdb",
+    "rdb_backend",
+    "set_closing_attrs",
     "set_trial_user_attrs",
 ]
 
@@ -49,6 +59,8 @@ _RETRIED = (
     "set_trial_system_attr", "get_trial_id_from_study_id_trial_number", "get_trial",
     "_get_trials", "_get_best_trial_id", "record_heartbeat", "_get_stale_trial_ids",
 )  # fmt: skip
+# Of those, the ones that only read: on SQLite they run beside the writer (``sqlite.reading``).
+_READ_ONLY = frozenset(name for name in _RETRIED if name.startswith(("get_", "_get_")))
 
 
 def _retried(method: Callable[..., Any]) -> Callable[..., Any]:
@@ -67,6 +79,17 @@ def _retried(method: Callable[..., Any]) -> Callable[..., Any]:
     return call
 
 
+def _read_only(method: Callable[..., Any]) -> Callable[..., Any]:
+    """``method``, whose transactions only read: see ``optguard.sqlite.reading``."""
+
+    @functools.wraps(method)
+    def call(self: Any, *args: Any, **kwargs: Any) -> Any:
+        with reading():
+            return method(self, *args, **kwargs)
+
+    return call
+
+
 def _storage_error(exc: BaseException) -> bool:
     from optguard.outage import is_storage_error
 
@@ -78,7 +101,7 @@ def _outage_storage_class() -> type:
     """``RDBStorage`` whose calls ride out an outage (``optguard.outage``); built on first
     use so that importing optguard does not import Optuna."""
     from optuna.exceptions import UpdateFinishedTrialError
-    from optuna.storages import RDBStorage
+    from optuna.storages import BaseStorage, RDBStorage
     from optuna.trial import TrialState
 
     class OutageRidingStorage(RDBStorage):  # type: ignore[misc]
@@ -88,6 +111,8 @@ def _outage_storage_class() -> type:
             path = sqlite_path(url)
             relieve = None if path is None else functools.partial(relieve_full_disk, path)
             self.outage = Outage(url, outage_s, relieve)
+            # user attributes to write in the transaction that finishes the trial
+            self.closing_attrs: dict[int, dict[str, Any]] = {}
             super().__init__(url, **kwargs)
 
         def set_trial_state_values(
@@ -95,7 +120,12 @@ def _outage_storage_class() -> type:
         ) -> bool:
             """A retry that finds the trial already in the finished ``state`` it was to be
             set to is done: the attempt that lost its connection had committed."""
-            set_state = RDBStorage.set_trial_state_values
+            attrs = self.closing_attrs.pop(trial_id, None) if state.is_finished() else None
+            set_state: Callable[..., bool] = (
+                RDBStorage.set_trial_state_values
+                if not attrs
+                else functools.partial(type(self)._finish_with_attrs, attrs=attrs)
+            )
 
             def again() -> bool:
                 try:
@@ -111,6 +141,30 @@ def _outage_storage_class() -> type:
                 if not _storage_error(exc):
                     raise
                 return self.outage.recover(exc, again)
+
+        def _finish_with_attrs(
+            self, trial_id: int, state: TrialState, values: Any, attrs: dict[str, Any]
+        ) -> bool:
+            """Optuna's ``set_trial_state_values`` for a finished state, with ``attrs`` in
+            the same transaction: one commit fewer per trial, and no finished trial without
+            its final attributes."""
+            from datetime import datetime
+
+            from optuna.storages._rdb import models
+            from optuna.storages._rdb.storage import _create_scoped_session
+
+            with _create_scoped_session(self.scoped_session) as session:
+                row = models.TrialModel.find_or_raise_by_id(trial_id, session, for_update=True)
+                self.check_trial_is_updatable(trial_id, row.state)
+                for key, value in attrs.items():
+                    self._set_trial_attr_without_commit(
+                        session, models.TrialUserAttributeModel, trial_id, key, value
+                    )
+                for objective, value in enumerate(values or ()):
+                    self._set_trial_value_without_commit(session, row, objective, value)
+                row.state = state
+                row.datetime_complete = datetime.now()
+            return True
 
         def _create_new_trial(self, study_id: int, template_trial: Any = None) -> Any:
             """Optuna's, in one attempt: its own loop would repeat a creation whose commit went
@@ -143,7 +197,12 @@ def _outage_storage_class() -> type:
                 )  # fmt: skip
 
     for name in _RETRIED:
-        setattr(OutageRidingStorage, name, _retried(getattr(RDBStorage, name)))
+        method = _retried(getattr(RDBStorage, name))
+        setattr(OutageRidingStorage, name, _read_only(method) if name in _READ_ONLY else method)
+    # Outermost, so that a signal cannot split what the wrappers above do either.
+    public = {name for name in vars(BaseStorage) if not name.startswith("_")}
+    for name in sorted(public | set(_RETRIED) | {"_create_new_trial"}):
+        setattr(OutageRidingStorage, name, guarded(getattr(OutageRidingStorage, name)))
     return OutageRidingStorage
 
 
@@ -171,6 +230,11 @@ def open_storage(
     import sqlalchemy.exc
     from optuna.exceptions import StorageInternalError
 
+    journal = journal_path(url)
+    if journal is not None:
+        from optguard.journal import open_journal
+
+        return open_journal(journal, create_schema)
     path = sqlite_path(url)
     engine_kwargs: dict[str, Any] = {"pool_pre_ping": True}
     if path is not None:
@@ -207,6 +271,19 @@ def open_storage(
     if path is not None:
         install_events(storage.engine, path, queue=queue_writes)
     return storage
+
+
+def rdb_backend(storage: Any) -> Any:
+    """``storage`` (or the one behind Optuna's cache) if it is an RDB storage: SQL,
+    transactions and heartbeats, which the journal file has none of; else ``None``."""
+    from optuna.storages import RDBStorage
+
+    backend = getattr(storage, "_backend", storage)
+    return backend if isinstance(backend, RDBStorage) else None
+
+
+def is_rdb(storage: Any) -> bool:
+    return rdb_backend(storage) is not None
 
 
 @contextlib.contextmanager
@@ -275,7 +352,7 @@ def open_existing_study(
     handles its errors itself and must not wait through an outage).
     """
     url = resolve_url(storage_url)
-    path = sqlite_path(url)
+    path = sqlite_path(url) or journal_path(url)
     if path is not None and not path.is_file():
         raise UsageError(f"no study named {study!r}: storage file {path} does not exist")
     storage = open_storage(url, outage_s=outage_s)
@@ -283,6 +360,19 @@ def open_existing_study(
         return url, storage, storage.get_study_id_from_name(study)
     except KeyError:
         raise UsageError(f"no study named {study!r} in {mask_url(url)}") from None
+
+
+def set_closing_attrs(
+    storage: "optuna.storages.RDBStorage", trial_id: int, attrs: dict[str, Any]
+) -> None:
+    """User attributes of a running trial to write with the state that finishes it (the
+    next ``study.tell``), in that one transaction; at once on a storage not opened by
+    ``open_storage``."""
+    pending = getattr(storage, "closing_attrs", None)
+    if pending is None:
+        set_trial_user_attrs(storage, trial_id, attrs)
+    else:
+        pending[trial_id] = {**pending.get(trial_id, {}), **attrs}
 
 
 def set_trial_user_attrs(
@@ -296,6 +386,10 @@ def set_trial_user_attrs(
     call, so this runs its own per-key upsert inside one session.
     """
     if not attrs:
+        return
+    if not is_rdb(storage):  # the journal: one record per key, as set_user_attr writes
+        for key, value in attrs.items():
+            storage.set_trial_user_attr(trial_id, key, value)
         return
     from optuna.storages._rdb import models
     from optuna.storages._rdb.storage import _create_scoped_session
@@ -313,10 +407,12 @@ def set_trial_user_attrs(
 class TrialSlots:
     """Hands out trials up to a study-wide total, across every worker and host.
 
-    Counting finished plus running trials and creating the next one happen under one lock
-    (a file lock beside a SQLite file, an advisory lock on PostgreSQL and MySQL), so N
-    workers never overshoot ``n_trials`` however they race. A server lock dies with its
-    connection, so after an outage a claim starts over from the lock, on a new connection.
+    Counting finished plus running trials and creating the next one are one transaction
+    (``optguard.ownership``), taken under one lock (a file lock beside a SQLite file, an
+    advisory lock on PostgreSQL and MySQL) that reaping also holds while it fails a trial and
+    enqueues its retry, so N workers never overshoot ``n_trials`` however they race. A server
+    lock dies with its connection, so after an outage a claim starts over from the lock, on a
+    new connection.
     """
 
     def __init__(self, storage: "optuna.storages.RDBStorage", study_name: str) -> None:
@@ -324,7 +420,7 @@ class TrialSlots:
         self._study_name = study_name
         self._outage = outage_of(storage)
         self._study_id = storage.get_study_id_from_name(study_name)
-        self._backend = storage.engine.dialect.name
+        self._backend = storage.engine.dialect.name if is_rdb(storage) else "journal"
         self._conn: Any = None
         self._lock_file: Any = None
 
@@ -336,35 +432,13 @@ class TrialSlots:
     def study_id(self) -> int:
         return self._study_id
 
-    def count(self, waiting: bool = False) -> int:
-        """Trials that count toward the total: finished (complete, pruned, failed) or running;
-        with ``waiting``, the enqueued ones instead."""
-        from optuna.storages._rdb import models
-        from optuna.trial import TrialState
-        from sqlalchemy import func, select
-
-        states = (
-            (TrialState.WAITING,)
-            if waiting
-            else (TrialState.RUNNING, TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL)
-        )
-        stmt = (
-            select(func.count())
-            .select_from(models.TrialModel)
-            .where(models.TrialModel.study_id == self._study_id)
-            .where(models.TrialModel.state.in_(states))
-        )
-        with self._storage.engine.connect() as conn:
-            return int(conn.execute(stmt).scalar_one())
-
     @contextlib.contextmanager
     def lock(self) -> Iterator[None]:
         import sqlalchemy.exc
 
-        if self._backend == "sqlite":
+        if self._backend in ("sqlite", "journal"):
             if self._lock_file is None:
-                path = Path(str(self._storage.engine.url.database) + LOCK_SUFFIX)
-                self._lock_file = path.open("a")
+                self._lock_file = self._lock_path().open("a")
             fcntl.flock(self._lock_file, fcntl.LOCK_EX)
             try:
                 yield
@@ -382,6 +456,14 @@ class TrialSlots:
                 if not is_transient(exc):
                     raise
                 self._drop_connection()  # the lock died with the lost session
+
+    def _lock_path(self) -> Path:
+        """The lock file beside the SQLite or journal file."""
+        if self._backend == "journal":
+            file = self._storage._backend._file_path  # Optuna's JournalFileBackend
+        else:
+            file = self._storage.engine.url.database
+        return Path(str(file) + LOCK_SUFFIX)
 
     def _acquire(self) -> Any:
         if self._conn is None:
@@ -432,9 +514,7 @@ class TrialSlots:
             found = self._running_for(study, owner) if retried else None
             if found is not None:
                 return found
-            if n_trials is not None and self.count() >= n_trials and not self.count(waiting=True):
-                return None
-            return ask_owned(study, owner)
+            return ask_owned(study, owner, n_trials)
 
     @staticmethod
     def _running_for(study: "optuna.Study", owner: dict[str, Any]) -> "optuna.trial.Trial | None":

@@ -41,6 +41,8 @@ __all__ = [
 
 # Read at load by OpenMP (PyTorch, LightGBM, scikit-learn), MKL, OpenBLAS, numexpr, Apple's
 # Accelerate and BLIS. OMP_NUM_THREADS is the one torch reads for its intra-op threads.
+# LOKY_MAX_CPU_COUNT is the core count joblib reports, so scikit-learn's n_jobs=-1 means the
+# worker's share too (with one thread, no process pool at all: the work runs in the worker).
 THREAD_VARS = (
     "OMP_NUM_THREADS",
     "MKL_NUM_THREADS",
@@ -48,6 +50,7 @@ THREAD_VARS = (
     "NUMEXPR_NUM_THREADS",
     "VECLIB_MAXIMUM_THREADS",
     "BLIS_NUM_THREADS",
+    "LOKY_MAX_CPU_COUNT",
 )
 THREADS_ENV = "OPTGUARD_THREADS"  # optguard's choice, so a worker can tell it from the user's
 

@@ -14,10 +14,16 @@ from urllib.parse import quote_plus, unquote, unquote_plus
 
 from optguard.errors import StorageURLError
 
-__all__ = ["DEFAULT_DB", "BACKENDS", "resolve_url", "mask_url", "redact", "sqlite_path"]
+__all__ = [
+    "DEFAULT_DB", "BACKENDS", "JOURNAL", "resolve_url", "mask_url", "redact", "sqlite_path",
+    "journal_path",
+]  # fmt: skip
 
 DEFAULT_DB = "optguard.db"
 BACKENDS = ("sqlite", "postgresql", "mysql")
+# Optuna's journal file (JournalStorage + JournalFileBackend) has no URL: optguard's form is
+# journal:///absolute/path or journal:relative/path.
+JOURNAL = "journal:"
 MASK = "***"
 # Driver parameters that may carry a secret (password, sslpassword, passwd, PGPASSWORD, token,
 # sslkey...). Masking a harmless one (a key file's path) costs nothing; showing a secret does.
@@ -91,6 +97,8 @@ def _mask_unparsed(url: str) -> str:
 def mask_url(url: str) -> str:
     """The URL with its password and secret driver parameters replaced by ``***``: the only
     form ever printed or logged."""
+    if url.startswith(JOURNAL):
+        return url  # a file's path: no password
     try:
         parsed = _parse(url)
     except StorageURLError:
@@ -148,6 +156,14 @@ def resolve_url(url: str | None) -> str:
     """
     if url is None:
         return f"sqlite:///{Path(DEFAULT_DB).resolve()}"
+    if url.startswith(JOURNAL):
+        path = url[len(JOURNAL):]
+        path = "/" + path.lstrip("/") if path.startswith("//") else path
+        if not path:
+            raise StorageURLError(
+                f"no file in storage URL {url!r}: use journal:///absolute/path or journal:file"
+            )
+        return f"{JOURNAL}//{Path(path).resolve()}"
     parsed = _parse(url)
     backend = parsed.get_backend_name()
     if backend not in BACKENDS:
@@ -165,6 +181,16 @@ def resolve_url(url: str | None) -> str:
     return parsed.render_as_string(hide_password=False)
 
 
+def journal_path(url: str) -> Path | None:
+    """The file of a ``journal:`` storage URL (as ``resolve_url`` writes it), else ``None``."""
+    if not url.startswith(JOURNAL):
+        return None
+    path = url[len(JOURNAL):]
+    return Path("/" + path.lstrip("/") if path.startswith("//") else path)
+
+
 def sqlite_path(url: str) -> Path | None:
+    if url.startswith(JOURNAL):
+        return None
     parsed = _parse(url)
     return Path(parsed.database) if parsed.get_backend_name() == "sqlite" else None

@@ -14,6 +14,7 @@ import math
 import os
 import signal
 import socket
+import threading
 import time
 import traceback
 from dataclasses import dataclass, replace
@@ -23,9 +24,11 @@ from typing import Any, Callable
 import optuna
 import psutil
 from optuna.exceptions import UpdateFinishedTrialError
+from optuna.study._tell import _tell_with_warning
 from optuna.trial import TrialState
 
-from optguard import channel, guard as guard_mod, leftovers, proctree
+from optguard import channel, leftovers, proctree
+from optguard import guard as guard_mod
 from optguard.checkpointing import (
     CHECKPOINT_DIR_ENV,
     clear_interrupt_callbacks,
@@ -37,21 +40,30 @@ from optguard.config import RunOptions
 from optguard.control import read_request, set_request
 from optguard.errors import OptguardError, StorageError
 from optguard.guard import GuardPruned, TrialGuard, Violation
-from optguard.limits import format_gb
+from optguard.limits import format_against, format_gb
 from optguard.logs import set_trial, worker_log_path, worker_logger
 from optguard.memory import current_rss, peak_rss, reset_peak
-from optguard.sqlite import in_transaction
 from optguard.objective import error_line, load_objective
 from optguard.outage import Outage
 from optguard.preflight import check_sampler
+from optguard.progress import count_trials
 from optguard.storage import (
     TrialSlots,
     mask_url,
     open_storage,
     resolve_url,
+    set_closing_attrs,
     set_trial_user_attrs,
 )
-from optguard.study import make_pruner, make_sampler
+from optguard.storage_calls import in_storage_call, on_leaving
+from optguard.study import (
+    direction_names,
+    make_pruner,
+    make_sampler,
+    resolve_directions,
+    stored_directions,
+    worker_seed,
+)
 from optguard.threads import available_cpus, worker_summary
 
 __all__ = ["run_worker", "WorkerIdentity", "ATTR_PREFIX", "START_FAILURE", "EXIT_RECYCLE"]
@@ -86,19 +98,56 @@ class WorkerIdentity:
         return f"{self.index}:{self.pid}"
 
 
-def _as_value(result: Any) -> tuple[float | None, str | None]:
-    """The objective's result as a float, or why it cannot be one."""
+def _as_float(result: Any) -> tuple[float | None, str | None]:
+    """One number of the objective's result as a float, or why it cannot be one."""
     if isinstance(result, (str, bytes)) or result is None:
-        return None, f"objective returned a non-number: {type(result).__name__} {result!r:.40}"
+        return None, f"a non-number: {type(result).__name__} {result!r:.40}"
     try:
         value = float(result)
     except (TypeError, ValueError):
-        return None, f"objective returned a non-number: {type(result).__name__}"
+        return None, f"a non-number: {type(result).__name__}"
     except OverflowError:  # an int past 1.8e308: a failed trial, not a dead worker
-        return None, f"objective returned a {type(result).__name__} too large for a float"
+        return None, f"a {type(result).__name__} too large for a float"
     if math.isnan(value):
-        return None, "objective returned NaN"
+        return None, "NaN"
     return value, None
+
+
+def _as_value(result: Any, n_objectives: int = 1) -> tuple[float | list[float] | None, str | None]:
+    """The objective's result as a float (one objective) or a list of ``n_objectives`` floats,
+    or why it cannot be: checked here so the trial fails with ``optguard.error`` saying why,
+    where ``study.tell`` would fail it with only a warning."""
+    if n_objectives == 1:
+        value, why = _as_float(result)
+        return value, None if why is None else f"objective returned {why}"
+    if isinstance(result, (str, bytes, dict)) or not hasattr(result, "__len__"):
+        return None, (
+            f"objective returned {type(result).__name__} for a study with {n_objectives} "
+            f"objectives: return a sequence of {n_objectives} numbers"
+        )
+    try:
+        items = list(result)
+    except TypeError:  # a 0-d array has __len__ but no items
+        items = None
+    if items is None or len(items) != n_objectives:
+        got = "a 0-d array" if items is None else f"{len(items)} value(s)"
+        return None, f"objective returned {got} for a study with {n_objectives} objectives"
+    values = []
+    for i, item in enumerate(items, 1):
+        value, why = _as_float(item)
+        if why is not None:
+            return None, f"objective returned {why} for objective {i} of {n_objectives}"
+        values.append(value)
+    return values, None
+
+
+def _shown(value: float | list[float] | None) -> str:
+    """A trial's value(s) in the worker log."""
+    if value is None:
+        return "-"
+    if isinstance(value, list):
+        return "[" + ", ".join(f"{v:.6g}" for v in value) + "]"
+    return f"{value:.6g}"
 
 
 class _Supervised:
@@ -125,6 +174,7 @@ class _Supervised:
         self.in_objective = False
         self.tree_peak = 0
         self.command: Violation | None = None  # the trial's interrupt or kill, kill winning
+        self.deferred: Violation | None = None  # an interrupt that came inside a storage call
 
     def install(self) -> None:
         parent = os.environ.pop(channel.SUPERVISOR_ENV, "")
@@ -135,6 +185,7 @@ class _Supervised:
         signal.signal(signal.SIGINT, self._on_term)
         signal.signal(signal.SIGUSR1, self._on_command)
         signal.signal(signal.SIGUSR2, self._on_stop)
+        on_leaving(self._raise_deferred)
         os.register_at_fork(after_in_child=self._in_child)
 
     def _in_child(self) -> None:
@@ -161,6 +212,7 @@ class _Supervised:
         self.guard = guard
         self.tree_peak = 0
         self.command = None
+        self.deferred = None
         if self.stop_reason != REASON_INTERRUPTED:
             return None
         return replace(guard.stop_violation(REASON_INTERRUPTED), enforcement="interrupt")
@@ -173,6 +225,7 @@ class _Supervised:
             self._apply(self._drain(), raise_now=False)
         finally:
             self.guard = None
+            self.deferred = None
             signal.pthread_sigmask(signal.SIG_UNBLOCK, blocked)
 
     def _drain(self) -> list[dict[str, Any]]:
@@ -188,9 +241,26 @@ class _Supervised:
             return
         guard.request_stop(guard.stop_violation(REASON_INTERRUPTED))
         stop = self.command or guard.stop_requested  # a command already read wins
-        if self.in_objective and stop is not None and not in_transaction():
+        if self.in_objective and stop is not None:
             if stop.enforcement == "check":
                 stop = replace(stop, enforcement="interrupt")
+            self._raise_or_defer(stop)
+
+    def _raise_or_defer(self, stop: Violation) -> None:
+        """End the objective now, or, inside a storage call, as soon as it is left
+        (``optguard.storage_calls``)."""
+        if in_storage_call():
+            self.deferred = stop
+            return
+        raise GuardPruned(stop)
+
+    def _raise_deferred(self) -> None:
+        """The storage hook: the main thread left a storage call that an interrupt came in."""
+        stop = self.deferred
+        if stop is None or threading.current_thread() is not threading.main_thread():
+            return
+        self.deferred = None
+        if self.in_objective:
             raise GuardPruned(stop)
 
     def _on_stop(self, _signum: int, _frame: FrameType | None) -> None:
@@ -228,8 +298,8 @@ class _Supervised:
             # The supervisor waits for this before giving the worker --kill-after: a worker
             # stuck in C never gets here, and is killed sooner.
             self.report("interrupted", trial=guard.number)
-            if raise_now and not in_transaction():  # else at the next check, or the kill
-                raise GuardPruned(interrupt)
+            if raise_now:
+                self._raise_or_defer(interrupt)
 
 
 class _TrialRunner:
@@ -250,6 +320,7 @@ class _TrialRunner:
         self.identity = identity
         self.log = log
         self.supervised = supervised
+        self.n_objectives = len(study.directions)  # one storage read, not one per trial
         # Children alive before the first trial (a pool the objective's module started) are
         # the objective's own, by pid and start time (a pid can be reused); of the processes
         # started during trials, only the pools the worker still holds are kept after them.
@@ -281,6 +352,8 @@ class _TrialRunner:
                 "elapsed_s": round(violation.elapsed_s, 3),
                 "rss_bytes": violation.rss_bytes,
                 "limit": violation.limit,
+                # the same limit in a name that says its unit (dashboards show raw numbers)
+                **violation.limit_in_unit(),
                 "enforcement": violation.enforcement,
                 # The kill step's SIGTERM ended a trial still able to run Python.
                 **({"hard_kill": True} if violation.enforcement == "hard_kill" else {}),
@@ -301,7 +374,7 @@ class _TrialRunner:
         guard.install()
         pending = self.supervised.begin(guard)
         os.environ[channel.TRIAL_ENV] = str(number)
-        value: float | None = None
+        value: float | list[float] | None = None
         error: str | None = None
         violation: Violation | None = None
         state = TrialState.FAIL
@@ -332,7 +405,7 @@ class _TrialRunner:
             for line in traceback.format_exc().rstrip().splitlines():
                 self.log.info("traceback| %s", line)
         else:
-            value, error = _as_value(result)
+            value, error = _as_value(result, self.n_objectives)
             if error is None:
                 state = TrialState.COMPLETE
         finally:
@@ -358,7 +431,7 @@ class _TrialRunner:
             "Trial #%d finished: state=%s value=%s duration=%.2fs",
             number,
             state.name,
-            "-" if value is None else f"{value:.6g}",
+            _shown(value),
             duration,
         )
         self.supervised.report(
@@ -452,24 +525,35 @@ class _TrialRunner:
             "; ".join(f"{','.join(pids)}: {reason}" for reason, pids in why.items()),
         )
 
-    def set_attrs(self, trial: optuna.trial.Trial, attrs: dict[str, Any]) -> None:
-        """``optguard.``-prefixed user attributes, all in one storage transaction; the
-        objective sees them in ``trial.user_attrs`` as after ``set_user_attr``."""
+    def set_attrs(
+        self, trial: optuna.trial.Trial, attrs: dict[str, Any], closing: bool = False
+    ) -> None:
+        """``optguard.``-prefixed user attributes, all in one storage transaction (with
+        ``closing``, the one of the ``study.tell`` that follows); the objective sees them in
+        ``trial.user_attrs`` as after ``set_user_attr``."""
         prefixed = {ATTR_PREFIX + k: v for k, v in attrs.items()}
-        set_trial_user_attrs(self.storage, trial._trial_id, prefixed)
+        write = set_closing_attrs if closing else set_trial_user_attrs
+        write(self.storage, trial._trial_id, prefixed)
         trial._cached_frozen_trial.user_attrs.update(prefixed)
 
     def _finish(
         self,
         trial: optuna.trial.Trial,
         state: TrialState,
-        value: float | None,
+        value: float | list[float] | None,
         attrs: dict[str, Any],
     ) -> None:
         """Clean up, record the final memory, then tell: a finished trial is read-only."""
         report = release_memory()
         self.last_final_rss = report.rss_after
-        self.set_attrs(trial, {**attrs, "final_rss_bytes": report.rss_after})
+        in_mb = {
+            key.replace("_rss_bytes", "_mb"): round(value / 1e6, 1)
+            for key, value in {**attrs, "final_rss_bytes": report.rss_after}.items()
+            if key.endswith("_rss_bytes")
+        }  # peak_mb, final_mb: read as they are in optuna-dashboard
+        self.set_attrs(
+            trial, {**attrs, "final_rss_bytes": report.rss_after, **in_mb}, closing=True
+        )
         self.log.info(
             "Trial #%d final memory: %s (freed %.1fMB in %.1fms, gc collected %d objects)",
             trial.number,
@@ -479,31 +563,77 @@ class _TrialRunner:
             report.collected,
         )
         try:
-            if state == TrialState.COMPLETE:
-                self.study.tell(trial, value)
-            else:
-                self.study.tell(trial, state=state)
-        except UpdateFinishedTrialError:
-            # Reaped meanwhile (its host looked dead to another: a heartbeat missed during an
-            # outage); the trial is recorded as that host decided, and this worker goes on.
-            self.log.warning("Trial #%d was already finished by another host", trial.number)
-        except ValueError as exc:  # a value Optuna refuses: the trial fails, the worker goes on
+            _tell(self.study, trial, value if state == TrialState.COMPLETE else None, state)
+        except (UpdateFinishedTrialError, ValueError) as exc:
+            if self.storage.get_trial(trial._trial_id).state.is_finished():
+                # Reaped meanwhile (its host looked dead to another: a heartbeat missed during
+                # an outage); Optuna refuses to tell a finished trial. It stays as that host
+                # recorded it, and this worker goes on.
+                self.log.warning("Trial #%d was already finished by another host", trial.number)
+                getattr(self.storage, "closing_attrs", {}).pop(trial._trial_id, None)
+                return
+            if not isinstance(exc, ValueError):
+                raise
+            # a value Optuna refuses: the trial fails, the worker goes on
             self.log.error("Trial #%d failed: %s", trial.number, error_line(exc))
             self.set_attrs(trial, {"error": error_line(exc)})
-            self.study.tell(trial, state=TrialState.FAIL)
+            _tell(self.study, trial, None, TrialState.FAIL)
+
+
+def _tell(
+    study: optuna.Study,
+    trial: optuna.trial.Trial,
+    value: float | list[float] | None,
+    state: TrialState,
+) -> None:
+    """``study.tell`` as ``study.optimize`` does it: without ``tell``'s final re-read and
+    copy of the trial, a storage transaction per trial that nobody here uses."""
+    _tell_with_warning(
+        study=study,
+        trial=trial,
+        value_or_values=value,
+        state=None if state == TrialState.COMPLETE else state,
+    )
 
 
 def _open_study(opts: RunOptions, url: str) -> tuple[optuna.Study, TrialSlots]:
+    """The study, created with ``opts.directions`` when new; an existing one's directions are
+    kept, and others given are refused (``study.resolve_directions``), as is a
+    single-objective sampler for a multi-objective study (``study.sampler_error``)."""
+    from optguard.errors import UsageError
+    from optguard.study import sampler_error
+
     storage = open_storage(url, queue_writes=True, outage_s=opts.storage_outage_s)
+    directions = resolve_directions(
+        opts.directions, stored_directions(storage, opts.study), opts.study
+    )
+    refused = sampler_error(opts.sampler, len(directions))  # else every trial fails
+    if refused is not None:
+        raise UsageError(f"study {opts.study!r}: {refused}")
     study = optuna.create_study(
         study_name=opts.study,
         storage=storage,
-        direction=opts.direction,
+        directions=list(directions),
         sampler=make_sampler(opts.sampler),
         pruner=make_pruner(opts.pruner),
         load_if_exists=True,
     )
+    resolve_directions(directions, direction_names(study.directions), opts.study)  # a race
     return study, TrialSlots(storage, opts.study)
+
+
+def _seed_sampler(study: optuna.Study, slots: TrialSlots, opts: RunOptions, index: int) -> str:
+    """``--seed``: this worker's sampler seeded by ``study.worker_seed``; what it got, for
+    the log (empty without ``--seed``)."""
+    if opts.seed is None:
+        return ""
+    before = count_trials(slots.storage, slots.study_id)
+    seed = worker_seed(opts.seed, index, before)
+    study.sampler = make_sampler(opts.sampler, seed)
+    return (
+        f"Sampler {opts.sampler} seeded with {seed} (--seed {opts.seed}, worker {index}, "
+        f"{before} trial(s) in the study)"
+    )
 
 
 def _recycle_reason(opts: RunOptions, ran: int, final_rss: int) -> str | None:
@@ -515,17 +645,16 @@ def _recycle_reason(opts: RunOptions, ran: int, final_rss: int) -> str | None:
     """
     limit = opts.limits.max_rss_bytes
     if limit is not None and final_rss >= limit:
+        shown, shown_limit = format_against(final_rss, limit, "size")
         return (
-            f"memory after cleanup {format_gb(final_rss, 2)} >= --max-rss "
-            f"{format_gb(limit, 2)} (a leak cleanup cannot return)"
+            f"memory after cleanup {shown} >= --max-rss {shown_limit} "
+            "(a leak cleanup cannot return)"
         )
     if opts.max_trials_per_worker is not None and ran >= opts.max_trials_per_worker:
         return f"{ran} trials (--max-trials-per-worker {opts.max_trials_per_worker})"
     if opts.recycle_rss is not None and final_rss > opts.recycle_rss:
-        return (
-            f"memory after cleanup {format_gb(final_rss, 2)} > "
-            f"--recycle-rss {format_gb(opts.recycle_rss, 2)}"
-        )
+        shown, shown_limit = format_against(final_rss, opts.recycle_rss, "size")
+        return f"memory after cleanup {shown} > --recycle-rss {shown_limit}"
     return None
 
 
@@ -559,7 +688,9 @@ def run_worker(opts: RunOptions, index: int = 0) -> int:
         mask_url(url),
         identity.host,
         limits.timeout_s,
-        format_gb(limits.max_rss_bytes or 0),
+        "-" if limits.max_rss_bytes is None else format_against(
+            limits.max_rss_bytes, limits.max_rss_bytes, "size"
+        )[1],
         worker_summary(os.environ, available_cpus()),
     )
     try:
@@ -571,9 +702,12 @@ def run_worker(opts: RunOptions, index: int = 0) -> int:
             study, slots = Outage(url, opts.storage_outage_s).call(lambda: _open_study(opts, url))
         else:
             study, slots = _open_study(opts, url)
+        seeded = _seed_sampler(study, slots, opts, index)
     except OptguardError as exc:
         log.error("%s %s", START_FAILURE, exc)
         raise
+    if seeded:
+        log.info(seeded)
     # Everything loaded so far (optuna, the objective's modules and data) lives as long as the
     # worker: freezing it keeps the post-trial gc passes from rescanning it after every trial.
     gc.freeze()

@@ -3,6 +3,8 @@
     python scripts/bench.py            # full run, a table (about 6 minutes on 2 cores)
     python scripts/bench.py --json     # the same as one JSON object
     python scripts/bench.py --quick    # smoke mode for CI: small sizes, no timing gates
+    python scripts/bench.py --real     # real objectives (scripts/real_objectives.py), 2 workers
+                                       # (their packages: pip install -e ".[bench]")
 
 Every ratio compares optguard with plain ``study.optimize`` processes measured in the same run,
 on the same kind of storage and with the same number of processes. Throughput is trials per
@@ -83,14 +85,22 @@ OBJECTIVES = textwrap.dedent(
         return x
     '''
 )
+# Plain Optuna, as a user runs it: load the study, optimize. No pruner: optguard's side runs
+# with --pruner none, so both do the same work per trial.
 PLAIN = textwrap.dedent(
     """
-    import sys, optuna
+    import importlib, sys, optuna
     sys.path.insert(0, sys.argv[4])
-    import bench_objectives
+    objectives = importlib.import_module(sys.argv[7])
     optuna.logging.set_verbosity(optuna.logging.WARNING)
-    study = optuna.load_study(study_name=sys.argv[2], storage=sys.argv[1])
-    study.optimize(getattr(bench_objectives, sys.argv[5]), n_trials=int(sys.argv[3]),
+    if sys.argv[1].startswith("journal:"):
+        from optuna.storages.journal import JournalFileBackend
+        storage = optuna.storages.JournalStorage(JournalFileBackend(sys.argv[1][8:]))
+    else:
+        storage = sys.argv[1]
+    study = optuna.load_study(study_name=sys.argv[2], storage=storage,
+                              pruner=optuna.pruners.NopPruner())
+    study.optimize(getattr(objectives, sys.argv[5]), n_trials=int(sys.argv[3]),
                    gc_after_trial=sys.argv[6] == "gc")
     """
 )
@@ -129,46 +139,72 @@ class Bench:
     def trials(self, url: str, study: str) -> list[Any]:
         import optuna
 
-        return optuna.load_study(study_name=study, storage=url).get_trials(deepcopy=False)
+        return optuna.load_study(study_name=study, storage=_storage(url)).get_trials(
+            deepcopy=False
+        )
 
     def optguard(
         self, fn: str, n: int, workers: int = 1, *flags: str, url: str | None = None,
         env: dict[str, str] | None = None, study: str | None = None,
+        source: Path | None = None,
     ) -> tuple[list[Any], float]:
         """``optguard run``; returns the trials and the launch time (``time.time()``)."""
         study = study or f"g-{uuid.uuid4().hex[:8]}"
         url = url or self.url(study)
+        source = source or self.cwd / "bench_objectives.py"
         launched = time.time()
         subprocess.run(
             [sys.executable, "-m", "optguard", "run", "--study", study, "--storage", url,
-             "--objective", f"{self.cwd / 'bench_objectives.py'}:{fn}", "--workers", str(workers),
+             "--objective", f"{source}:{fn}", "--workers", str(workers),
              "--n-trials", str(n), "--pruner", "none", *flags],
-            cwd=self.cwd, capture_output=True, env={**os.environ, **(env or {})}, check=False,
+            cwd=self.cwd, capture_output=True, env=_environ(env), check=False,
         )  # fmt: skip
         return self.trials(url, study), launched
 
     def plain(
         self, fn: str, n: int, workers: int = 1, gc_after_trial: bool = False,
-        env: dict[str, str] | None = None,
+        env: dict[str, str] | None = None, source: Path | None = None,
+        direction: str = "minimize", url: str | None = None,
     ) -> tuple[list[Any], float]:
         """The same objective through plain ``study.optimize`` in ``workers`` processes."""
         import optuna
 
         study = f"p-{uuid.uuid4().hex[:8]}"
-        url = self.url(study)
-        optuna.create_study(study_name=study, storage=url)
+        url = url or self.url(study)
+        source = source or self.cwd / "bench_objectives.py"
+        optuna.create_study(study_name=study, storage=_storage(url), direction=direction)
         launched = time.time()
         procs = [
             subprocess.Popen(
-                [sys.executable, "-c", PLAIN, url, study, str(n // workers), str(self.cwd), fn,
-                 "gc" if gc_after_trial else "-"],
-                cwd=self.cwd, env={**os.environ, **(env or {})},
+                [sys.executable, "-c", PLAIN, url, study, str(n // workers), str(source.parent),
+                 fn, "gc" if gc_after_trial else "-", source.stem],
+                cwd=self.cwd, env=_environ(env),
             )  # fmt: skip
             for _ in range(workers)
         ]
         if any(proc.wait() != 0 for proc in procs):
             raise RuntimeError("a plain optuna process failed")
         return self.trials(url, study), launched
+
+
+def _storage(url: str) -> Any:
+    """A URL, or ``journal:PATH`` for Optuna's journal file (its storage for parallel
+    processes on one machine, which has no URL)."""
+    if not url.startswith("journal:"):
+        return url
+    import optuna
+    from optuna.storages.journal import JournalFileBackend
+
+    return optuna.storages.JournalStorage(JournalFileBackend(url[len("journal:"):]))
+
+
+def _environ(extra: dict[str, str] | None) -> dict[str, str]:
+    """This process's environment less the thread variables (a user's default environment,
+    on both sides: optguard's own choice must not reach the plain side), plus ``extra``."""
+    from optguard.threads import THREAD_VARS
+
+    base = {k: v for k, v in os.environ.items() if k not in THREAD_VARS}
+    return {**base, **(extra or {})}
 
 
 def _rate(trials: list[Any]) -> float:
@@ -184,12 +220,21 @@ def _duration(trial: Any) -> float:
     return (trial.datetime_complete - trial.datetime_start).total_seconds()
 
 
-def throughput(b: Bench, workers: int, n: int, step_s: float = 0.0) -> dict[str, float]:
+def throughput(
+    b: Bench, workers: int, n: int, step_s: float = 0.0, journal: bool = False
+) -> dict[str, float]:
+    """optguard against plain Optuna on SQLite; with ``journal``, plain Optuna on its journal
+    file too (its recommended storage for processes on one machine), as a reference."""
     env = {"BENCH_STEP_S": str(step_s)}
     plain = _rate(b.plain("steps", n, workers, env=env)[0])
     guarded = _rate(b.optguard("steps", n, workers, env=env)[0])
-    return {"plain_trials_per_s": round(plain, 2), "optguard_trials_per_s": round(guarded, 2),
-            "ratio": round(guarded / plain, 3)}  # fmt: skip
+    result = {"plain_trials_per_s": round(plain, 2), "optguard_trials_per_s": round(guarded, 2),
+              "ratio": round(guarded / plain, 3)}  # fmt: skip
+    if journal:
+        path = b.cwd / f"journal-{uuid.uuid4().hex[:8]}.log"
+        rate = _rate(b.plain("steps", n, workers, env=env, url=f"journal:{path}")[0])
+        result["plain_journal_trials_per_s"] = round(rate, 2)
+    return result
 
 
 def check_us(repeat: int) -> float:
@@ -333,8 +378,9 @@ def run_all(quick: bool) -> dict[str, Any]:
     with tempfile.TemporaryDirectory() as tmp:
         b = Bench(Path(tmp), quick)
         steps: list[tuple[str, Callable[[], Any]]] = [
-            ("throughput_1w", lambda: throughput(b, 1, n)),
-            ("throughput_2w", lambda: throughput(b, 2, n)),
+            ("throughput_1w", lambda: throughput(b, 1, n, journal=True)),
+            ("throughput_2w", lambda: throughput(b, 2, n, journal=True)),
+            ("throughput_4w", lambda: throughput(b, 4, n, journal=True)),
             ("throughput_1s", lambda: throughput(b, 1, 2 if quick else 12, step_s=0.2)),
             ("check_us", lambda: round(check_us(20 if quick else 200), 2)),
             ("cleanup", lambda: cleanup_big_heap(100_000 if quick else 5_000_000)),
@@ -355,7 +401,7 @@ def run_all(quick: bool) -> dict[str, Any]:
         """The target's one number at ``key``; the whole measure stays at ``source``."""
         r[key] = None if r[source] is None else r[source][field]
 
-    for runs in ("1w", "2w", "1s"):
+    for runs in ("1w", "2w", "4w", "1s"):
         headline(f"throughput_ratio_{runs}", f"throughput_{runs}", "ratio")
     r["naive_gc_ms_big_heap"], r["cleanup_ms_big_heap"] = (round(v, 3) for v in r.pop("cleanup"))
     for key in ("latency_s_cooperative", "latency_s_sleep", "latency_s_c_hang"):
@@ -368,6 +414,61 @@ def run_all(quick: bool) -> dict[str, Any]:
     r["supervisor_cpu_pct"] = r["supervisor_cpu"]["pct_of_one_core"]
     first = r.pop("first_trial_s")
     r["first_trial_s"], r["first_trial_plain_s"] = first["optguard_s"], first["plain_s"]
+    return r
+
+
+REAL = REPO / "scripts" / "real_objectives.py"
+
+
+def real_case(b: Bench, name: str, n: int, workers: int) -> dict[str, Any]:
+    """One objective of ``real_objectives``: ``n`` trials in ``workers`` processes, plain
+    Optuna first, then optguard, each in the environment a user has (no thread variables)."""
+    import importlib.util
+
+    import real_objectives
+
+    _, direction, packages = real_objectives.CASES[name]
+    missing = [p for p in packages if importlib.util.find_spec(p) is None]
+    if missing:
+        return {"skipped": f"not installed: {', '.join(missing)} (pip install -e '.[bench]')"}
+    sides: dict[str, dict[str, float]] = {}
+    for side in ("plain", "optguard"):
+        start = time.monotonic()
+        if side == "plain":
+            trials, _ = b.plain(name, n, workers, source=REAL, direction=direction)
+        else:
+            trials, _ = b.optguard(name, n, workers, "--direction", direction, source=REAL)
+        wall = time.monotonic() - start
+        done = [t for t in trials if t.state.is_finished()]
+        if len(done) != n or any(t.state.name != "COMPLETE" for t in done):
+            states = sorted({t.state.name for t in trials})
+            raise RuntimeError(f"{name} under {side}: {len(done)}/{n} trials finished, {states}")
+        sides[side] = {"span_s": len(done) / _rate(trials), "wall_s": wall}
+    plain, guarded = sides["plain"], sides["optguard"]
+    return {
+        "plain_span_s": round(plain["span_s"], 2),
+        "optguard_span_s": round(guarded["span_s"], 2),
+        "ratio": round(plain["span_s"] / guarded["span_s"], 3),
+        "plain_wall_s": round(plain["wall_s"], 2),
+        "optguard_wall_s": round(guarded["wall_s"], 2),
+        "wall_ratio": round(plain["wall_s"] / guarded["wall_s"], 3),
+    }
+
+
+def run_real(quick: bool, only: list[str] | None = None) -> dict[str, Any]:
+    """``--real``: each objective of ``real_objectives`` (or those in ``only``) under plain
+    Optuna and optguard, 2 workers on the same kind of storage; ratio = plain time / optguard
+    time (>= 1.0 means optguard is at least as fast)."""
+    sys.path.insert(0, str(REAL.parent))
+    import real_objectives
+
+    r: dict[str, Any] = {"quick": quick, "machine": f"{os.cpu_count()} cores", "workers": 2}
+    n = 2 if quick else 16
+    r["trials"] = n
+    with tempfile.TemporaryDirectory() as tmp:
+        b = Bench(Path(tmp), quick)
+        for name in only or real_objectives.CASES:
+            r[name] = real_case(b, name, n, 2)
     return r
 
 
@@ -384,6 +485,7 @@ def help_s(repeat: int) -> float:
 TABLE = [
     ("throughput_ratio_1w", ">= 0.9"),
     ("throughput_ratio_2w", ">= 0.9"),
+    ("throughput_ratio_4w", ">= 0.95"),
     ("throughput_ratio_1s", ">= 0.99"),
     ("check_us", "< 20"),
     ("cleanup_ms_big_heap", "< 50"),
@@ -405,14 +507,34 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--json", action="store_true", help="print one JSON object")
     parser.add_argument("--quick", action="store_true", help="smoke mode: seconds, small sizes")
+    parser.add_argument(
+        "--real", action="store_true", help="real objectives (scikit-learn, PyTorch, ...) only"
+    )
+    parser.add_argument("--only", nargs="+", metavar="NAME", help="with --real: these objectives")
     args = parser.parse_args()
-    results = run_all(args.quick)
+    results = run_real(args.quick, args.only) if args.real else run_all(args.quick)
     if args.json:
         print(json.dumps(results, indent=2))
+        return
+    if args.real:
+        print(f"{'objective':<20}{'plain s':>9}{'optguard s':>12}{'ratio':>7}  "
+              f"{'wall: plain':>12}{'optguard':>10}{'ratio':>7}  (target ratio >= 1.0)")  # fmt: skip
+        for name, row in results.items():
+            if isinstance(row, dict) and "skipped" in row:
+                print(f"{name:<20}{row['skipped']}")
+            elif isinstance(row, dict):
+                print(f"{name:<20}{row['plain_span_s']:>9}{row['optguard_span_s']:>12}"
+                      f"{row['ratio']:>7}  {row['plain_wall_s']:>12}{row['optguard_wall_s']:>10}"
+                      f"{row['wall_ratio']:>7}")  # fmt: skip
         return
     print(f"{'measure':<26}{'value':>12}  target")
     for name, target in TABLE:
         print(f"{name:<26}{results[name]!s:>12}  {target}")
+    for runs in ("1w", "2w", "4w"):
+        row = results[f"throughput_{runs}"]
+        print(f"trials/s {runs:<17}optguard on SQLite {row['optguard_trials_per_s']}, plain on "
+              f"SQLite {row['plain_trials_per_s']}, plain on a journal file "
+              f"{row['plain_journal_trials_per_s']}")  # fmt: skip
     for backend, row in results["scaling"].items():
         print(f"scaling {backend:<18}" + "  ".join(f"{k} {v}" for k, v in row.items()))
 

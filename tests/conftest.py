@@ -41,6 +41,14 @@ def load_trials(url: str, study: str) -> list[optuna.trial.FrozenTrial]:
     return optuna.load_study(study_name=study, storage=url).get_trials(deepcopy=False)
 
 
+def one_error_line(result: subprocess.CompletedProcess[str]) -> str:
+    """The one line of a bad-input refusal: exit 2, ``optguard: error: ...``, nothing else."""
+    lines = result.stderr.splitlines()
+    assert result.returncode == 2, result.stderr
+    assert len(lines) == 1 and lines[0].startswith("optguard: error: "), result.stderr
+    return lines[0]
+
+
 def sqlite_url(cwd: Path) -> str:
     return f"sqlite:///{cwd / 'optguard.db'}"
 

@@ -11,7 +11,7 @@ from conftest import REPO
 
 # What --quick measures; the rest of the keys are there, as null (see SLOW in the script).
 MEASURED = {
-    "throughput_ratio_1w", "throughput_ratio_2w", "check_us", "cleanup_ms_big_heap", "help_s",
+    "throughput_ratio_1w", "throughput_ratio_2w", "throughput_ratio_4w", "check_us", "cleanup_ms_big_heap", "help_s",
     "latency_s_cooperative", "overshoot_mb_1000", "drift_ratio", "first_trial_s",
     "supervisor_cpu_pct",
 }  # fmt: skip
@@ -37,3 +37,21 @@ def test_bench_quick_json() -> None:
     assert data["overshoot_mb_1000_detail"]["enforcement"] in ("check", "interrupt", "hard_kill")
     assert set(data["scaling"]) == {"sqlite", "postgresql"}
     assert isinstance(data["scaling"]["sqlite"]["1w"], float)
+    for runs in ("1w", "2w", "4w"):  # plain Optuna on its journal file, the reference
+        assert data[f"throughput_{runs}"]["plain_journal_trials_per_s"] > 0
+
+
+@pytest.mark.scenario
+def test_bench_real_quick_json() -> None:
+    """The NumPy objective needs nothing beyond the test extra; the others need the bench
+    extra, and are measured or skipped naming what is missing."""
+    out = subprocess.run(
+        [sys.executable, str(REPO / "scripts" / "bench.py"), "--real", "--quick", "--json",
+         "--only", "numpy_ridge"],
+        capture_output=True, text=True, timeout=300, check=True,
+    )  # fmt: skip
+    data = json.loads(out.stdout)
+    assert (data["quick"], data["workers"], data["trials"]) == (True, 2, 2)
+    row = data["numpy_ridge"]
+    assert row["plain_span_s"] > 0 and row["optguard_span_s"] > 0 and row["ratio"] > 0
+    assert row["wall_ratio"] > 0

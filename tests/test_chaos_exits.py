@@ -513,6 +513,8 @@ def test_kill_step_sigkill_is_not_called_oom(tmp_path: Path, study_name: str) ->
     assert _states(trials) == ["PRUNED", "COMPLETE", "COMPLETE"]
     attrs = trials[0].user_attrs
     assert attrs.get("optguard.reason") == "timeout" and attrs.get("optguard.hard_kill") is True
+    assert attrs["optguard.limit_s"] == 1.0 and "optguard.limit_bytes" not in attrs
+    assert attrs["optguard.peak_mb"] == round(attrs["optguard.peak_rss_bytes"] / 1e6, 1)
     _assert_not_oom(tmp_path, trials, result.stdout, result.stderr)
     log = _log(tmp_path)
     assert any("SIGKILL" in line and OURS.search(line) for line in log.splitlines()), log
@@ -623,3 +625,18 @@ def test_run_study_leaves_the_callers_own_children_alone(tmp_path: Path, study_n
     assert result.returncode == 0, result.stdout + result.stderr
     assert "caller's child alive" in result.stdout, result.stdout + result.stderr
     _settled(tmp_path, study_name, 2)
+
+
+def test_a_trial_reaped_while_it_ran_stays_reaped_and_the_worker_goes_on(
+    tmp_path: Path, study_name: str
+) -> None:
+    """Another host finished the trial meanwhile (a reap after missed heartbeats): Optuna
+    refuses to tell it, and that is no reason for the worker to die (review of issue 11)."""
+    result = _run(tmp_path, _command(study_name, "chaos_x_review.py:reaped_meanwhile", n=2))
+    assert result.returncode == 0, result.stdout + result.stderr
+    trials = _settled(tmp_path, study_name, 2)
+    assert _states(trials) == ["FAIL", "COMPLETE"]
+    assert trials[0].user_attrs["optguard.reason"] == "interrupted"
+    assert "optguard.final_rss_bytes" not in trials[0].user_attrs  # nothing written to it after
+    assert "Trial #0 was already finished by another host" in log_text(tmp_path)
+    assert SUMMARY.search(result.stdout).group(3) == "0"  # no worker death

@@ -8,6 +8,7 @@ private PostgreSQL this module starts, stops and restarts, a real 3 MB tmpfs tha
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import socket
 import subprocess
@@ -18,9 +19,11 @@ import uuid
 from pathlib import Path
 from typing import Iterator
 
+import optuna
 import pytest
 import sqlalchemy
 from conftest import MYSQL_URL, PG_URL, load_trials, objective, sqlite_url
+from optuna.storages.journal import JournalFileBackend
 from optuna.trial import TrialState
 from sqlalchemy.pool import NullPool
 
@@ -311,3 +314,31 @@ def test_full_disk_ends_the_run_with_the_cause_and_a_rerun_completes(
     states = _states(sqlite_url(small_disk), study_name)
     assert len(states) == 10 and TrialState.RUNNING not in states, states
     assert TrialState.WAITING not in states
+
+
+def test_full_disk_under_a_journal_file_is_a_storage_error_and_a_rerun_completes(
+    tmp_path: Path, study_name: str, small_disk: Path
+) -> None:
+    """Optuna's journal on a full disk: one line, exit 3 (not workers dying in a loop); a
+    record the full disk cut short is refused with how to cut it off, then the run resumes."""
+    (tmp_path / "fills.py").write_text(FILLS_DISK)
+    ballast = small_disk / "ballast"
+    args = (
+        "run", "--study", study_name, "--objective", f"{tmp_path / 'fills.py'}:objective",
+        "--n-trials", "10", "--workers", "2", "--pruner", "none", "--storage", "journal:j.log",
+    )  # fmt: skip
+    code, out, err = _finish(_start(*args, cwd=small_disk, env={"BALLAST": str(ballast)}), 120)
+    assert code == 3, (out, err)
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and "No space left on device" in lines[0], err
+    ballast.unlink()
+    code, out, err = _finish(_start(*args, cwd=small_disk), timeout=120)
+    if code == 3:  # the full disk cut a record short: the line says what to keep
+        match = re.search(r"`truncate -s (\d+) (\S+)`", err)
+        assert match is not None and len(err.strip().splitlines()) == 1, err
+        os.truncate(match.group(2), int(match.group(1)))
+        code, out, err = _finish(_start(*args, cwd=small_disk), timeout=120)
+    assert code == 0, (out, err)
+    storage = optuna.storages.JournalStorage(JournalFileBackend(str(small_disk / "j.log")))
+    trials = optuna.load_study(study_name=study_name, storage=storage).get_trials()
+    assert len(trials) >= 10 and not any(not t.state.is_finished() for t in trials)

@@ -47,6 +47,16 @@ def _finished(values: list[float | None]) -> list[optuna.trial.FrozenTrial]:
     ]  # fmt: skip
 
 
+def test_an_infeasible_trial_is_never_the_best_to_improve_on() -> None:
+    """As ``study.best_trial``: trial #0 (value 0, a constraint violated) does not count, so
+    9, 8, 7, 6 each improve (review of issue 12)."""
+    trials = _finished([0, 9, 8, 7, 6])
+    trials[0].system_attrs["constraints:c"] = 1.0
+    assert study_plateaued(trials, 3, 0.0, False) is None
+    trials[0].system_attrs["constraints:c"] = -1.0  # feasible: 0 is the best, never beaten
+    assert study_plateaued(trials, 3, 0.0, False) is not None
+
+
 def test_study_plateaued() -> None:
     assert study_plateaued(_finished([5, 4, 3]), 3, 0.0, False) is None  # not enough trials
     assert study_plateaued(_finished([5, 4, 3, 2]), 3, 0.0, False) is None  # improving

@@ -1,4 +1,5 @@
-"""``optguard.liveness``: the one decision about whether a RUNNING trial's owner is alive."""
+"""``optguard.liveness``: the one decision about whether a RUNNING trial's owner is alive; the
+records a retry of its trial carries."""
 
 from __future__ import annotations
 
@@ -86,3 +87,25 @@ def test_probe_sees_running_zombie_gone_and_reused() -> None:
     assert probe(child.pid, started) is Proc.GONE
     assert probe(os.getpid(), time.time()) is Proc.RUNNING
     assert probe(os.getpid(), 0.0) is Proc.REUSED  # this process started after "the trial"
+
+
+@pytest.mark.parametrize(
+    ("system_attrs", "number", "expected"),
+    [
+        ({}, 5, {"failed_trial": 5, "retry_history": [5]}),
+        # a retry Optuna's own callback made, failing again: the series goes on
+        ({"failed_trial": 2, "retry_history": [2]}, 7, {"failed_trial": 2, "retry_history": [2, 7]}),
+        ({"fixed_params": {"x": 1}}, 3, {"failed_trial": 3, "retry_history": [3]}),
+    ],
+)
+def test_a_retry_carries_optunas_retry_records(
+    system_attrs: dict[str, object], number: int, expected: dict[str, object]
+) -> None:
+    """What RetryHeartbeatStaleTrialCallback writes, so its readers answer for optguard."""
+    import optuna
+
+    from optguard.recovery import retry_records
+
+    trial = optuna.trial.create_trial(state=optuna.trial.TrialState.FAIL, system_attrs=system_attrs)
+    trial.number = number
+    assert retry_records(trial) == expected

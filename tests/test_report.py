@@ -55,8 +55,10 @@ def test_report_numbers_and_json(tmp_path: Path) -> None:
     trend = data["memory_trend"]
     assert trend["h:2"]["leak"] is True and trend["h:2"]["growth_mb_per_trial"] == 5.0
     assert trend["h:1"]["leak"] is False and trend["h:1"]["growth_mb_per_trial"] == 0.0
-    texts = [p["text"] for p in data["patterns"]]
-    assert "batch_size=512: 9 of 10 memory prunes, 1 of 41 completed" in texts
+    (pattern,) = data["patterns"]
+    assert pattern["text"].startswith("batch_size=512: 9 of 10 memory prunes, 1 of 41 completed")
+    assert pattern["p_value"] * pattern["tests"] < 0.01
+    assert data["pattern_rule"].startswith("Fisher's exact test, one-sided, p < 0.01")
     assert data["closest_to_limits"]["memory"][0]["fraction"] == 0.9
     assert all(p["peak_mb"] is None or p["peak_mb"] > 0 for p in data["points"])
 
@@ -68,6 +70,8 @@ def test_report_text_and_plots(tmp_path: Path) -> None:
     assert "LEAK: cleanup is not reclaiming" in result.stdout
     assert "+5.00 MB/trial" in result.stdout
     assert "Pattern: batch_size=512: 9 of 10 memory prunes" in result.stdout
+    assert "Patterns: rule: Fisher's exact test" in result.stdout  # says which rule it used
+    assert "Leak rule: final memory after cleanup grew at least 50 MB" in result.stdout
     png = (tmp_path / "mem.png").read_bytes()
     assert png.startswith(b"\x89PNG") and len(png) > 5000
     assert run_cli("report", "--study", "known", "--plot", "mem.html", cwd=tmp_path).returncode == 0
@@ -81,3 +85,24 @@ def test_report_unknown_study(tmp_path: Path) -> None:
     result = run_cli("report", "--study", "nope", cwd=tmp_path)
     assert result.returncode == 2 and "no study named 'nope'" in result.stderr
     assert not (tmp_path / "optguard.db").exists()
+
+
+def test_infinite_values_are_strict_json_and_shown_in_text(tmp_path: Path) -> None:
+    """``Infinity`` is not JSON (jq refuses it), and rich would read "[inf, 5]" as markup."""
+    study = optuna.create_study(
+        study_name="m[x]", storage=sqlite_url(tmp_path), directions=["minimize", "minimize"]
+    )
+    study.add_trial(create_trial(values=[float("inf"), 5.0]))
+    study.add_trial(create_trial(values=[1.0, 6.0]))
+    result = run_cli("report", "--study", "m[x]", "--json", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+
+    def refuse(constant: str) -> None:
+        raise ValueError(f"not JSON: {constant}")
+
+    data = json.loads(result.stdout, parse_constant=refuse)
+    points = {row["trial"]: row["values"] for row in data["best_trials"]}
+    assert points == {0: ["inf", 5.0], 1: [1.0, 6.0]}
+    text = run_cli("report", "--study", "m[x]", cwd=tmp_path)
+    assert text.returncode == 0, text.stderr
+    assert "m[x] on " in text.stdout and "#0: [inf, 5]" in text.stdout

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import psutil
 import pytest
+from optuna.storages import RetryHeartbeatStaleTrialCallback
 from optuna.trial import TrialState
 
 from conftest import load_trials, log_text, objective, run_cli, sqlite_url
@@ -66,6 +67,9 @@ def test_restart_after_sigkill_of_whole_run(tmp_path: Path, study_name: str) -> 
         assert old.user_attrs["optguard.reason"] == "interrupted"
         (retry,) = [t for t in trials if t.user_attrs.get("optguard.retry_of") == old.number]
         assert retry.state == TrialState.COMPLETE and retry.params == old.params
+        # Optuna's own retry records answer for optguard's retries too
+        assert RetryHeartbeatStaleTrialCallback.retried_trial_number(retry) == old.number
+        assert RetryHeartbeatStaleTrialCallback.retry_history(retry) == [old.number]
 
     again = run_cli(*_args(study_name, "--n-trials", "6"), cwd=tmp_path)
     assert again.returncode == 0 and "enqueued" not in again.stdout
@@ -94,6 +98,7 @@ def test_retry_pruned_enqueues_once_and_tags(tmp_path: Path, study_name: str) ->
     for old in pruned:
         (retry,) = [t for t in trials if t.user_attrs.get("optguard.retry_of") == old.number]
         assert retry.params == old.params and retry.state == TrialState.COMPLETE
+        assert RetryHeartbeatStaleTrialCallback.retried_trial_number(retry) == old.number
     assert [t.user_attrs.get("optguard.tag") for t in trials] == [None, None] + ["fix-1"] * 4
 
 

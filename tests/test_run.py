@@ -33,14 +33,15 @@ def test_timeout_prunes_with_reason_and_log_line(tmp_path: Path, study_name: str
     for t in trials:
         attrs = t.user_attrs
         assert attrs["optguard.reason"] == "timeout"
-        assert attrs["optguard.limit"] == 1.0
+        assert attrs["optguard.limit"] == attrs["optguard.limit_s"] == 1.0
+        assert "optguard.limit_bytes" not in attrs
         assert 1.0 < attrs["optguard.elapsed_s"] < 1.5  # the next report after the limit
         assert attrs["optguard.rss_bytes"] > 0
         assert re.fullmatch(r"[\w.-]+:\d+", attrs["optguard.worker"])
     log = log_text(tmp_path)
     for number in (0, 1):
         assert re.search(
-            rf"trial={number} Trial #{number} pruned: Trial timeout: \d+\.\dmin \(limit 0\.0min", log
+            rf"trial={number} Trial #{number} pruned: Trial timeout: 1\.\d+s \(limit 1s\)", log
         )
 
 
@@ -50,12 +51,17 @@ def test_memory_limit_prunes_with_reason(tmp_path: Path, study_name: str) -> Non
     (trial,) = load_trials(sqlite_url(tmp_path), study_name)
     assert trial.state == TrialState.PRUNED
     assert trial.user_attrs["optguard.reason"] == "memory"
-    assert trial.user_attrs["optguard.limit"] == 300e6
+    assert trial.user_attrs["optguard.limit"] == trial.user_attrs["optguard.limit_bytes"] == 300e6
+    assert trial.user_attrs["optguard.peak_mb"] == round(
+        trial.user_attrs["optguard.peak_rss_bytes"] / 1e6, 1
+    )
+    assert trial.user_attrs["optguard.final_mb"] < 300
     assert 300e6 < trial.user_attrs["optguard.rss_bytes"] < 300e6 + 120e6  # one 50 MB step over
     # The cleanup gave the hog's memory back before the final record.
     assert trial.user_attrs["optguard.final_rss_bytes"] < 300e6
     assert re.search(
-        r"Trial #0 pruned: Memory limit exceeded: 0\.\dGB \(limit 0\.3GB", log_text(tmp_path)
+        r"Trial #0 pruned: Memory limit exceeded: [34]\d\d(\.\d+)?MB \(limit 300MB\)",
+        log_text(tmp_path),
     )
 
 
@@ -189,8 +195,9 @@ def test_grep_contract_on_real_logs(tmp_path: Path, study_name: str) -> None:
         shell=True, cwd=tmp_path, capture_output=True, text=True,
     )  # fmt: skip
     lines = grep.stdout.splitlines()
-    assert any(re.search(r"trial=0 Trial #0 pruned: Trial timeout: \d\.\dmin", x) for x in lines)
-    assert any(re.search(r"Memory limit exceeded: \d\.\dGB \(limit 0\.2GB", x) for x in lines)
+    timeout = r"trial=0 Trial #0 pruned: Trial timeout: \d\.\d+s \(limit 0\.5s\)"
+    assert any(re.search(timeout, x) for x in lines)
+    assert any(re.search(r"Memory limit exceeded: \d+(\.\d+)?MB \(limit 250MB\)", x) for x in lines)
     assert sum("final memory: " in x for x in lines) == 2
     for f in files:
         text = f.read_text()

@@ -4,6 +4,7 @@ errors: an outage told from a refusal, retried up to a bound, named by the drive
 from __future__ import annotations
 
 import fcntl
+import os
 import signal
 import sqlite3
 import subprocess
@@ -15,6 +16,7 @@ import optuna
 import psycopg
 import pymysql
 import pytest
+import sqlalchemy.event
 import sqlalchemy.exc
 from conftest import sqlite_url
 from optuna.exceptions import StorageInternalError
@@ -26,7 +28,8 @@ from optguard.guard import GuardPruned, TrialGuard
 from optguard.limits import Limits
 from optguard.outage import Outage, describe, is_transient
 from optguard.sqlite import in_transaction, relieve_full_disk
-from optguard.storage import TrialSlots, open_storage
+from optguard.storage import TrialSlots, open_storage, set_closing_attrs
+from optguard.storage_calls import on_leaving
 from optguard.worker import _Supervised
 
 HOLD = """
@@ -109,6 +112,56 @@ def test_a_worker_interrupt_waits_while_its_transaction_is_open(tmp_path: Path) 
     assert not in_transaction()
     with pytest.raises(GuardPruned):
         supervised._on_term(signal.SIGTERM, None)
+    assert _lock_is_free(tmp_path / "optguard.db")
+
+
+@pytest.mark.parametrize("when", ["commit", "after_commit"])
+@pytest.mark.parametrize("call", ["read", "write"])
+def test_a_sigterm_inside_a_storage_commit_is_raised_once_the_call_is_left(
+    tmp_path: Path, call: str, when: str
+) -> None:
+    """CI, stop 10: a SIGTERM that landed in a read's commit (reads take no write lock) was
+    raised inside SQLAlchemy's commit; the session was left 'committed', the next call failed
+    with "no further SQL can be emitted" and the worker died with a storage error instead of
+    ending its trial as interrupted. Raised just before a write's commit, it lost the write.
+    The signal here is a real one, sent from the connection's commit (before the database's)
+    or from the session's ``after_commit``."""
+    storage = _storage(tmp_path)
+    study = optuna.load_study(study_name="s", storage=storage)
+    trial = study.ask()
+    supervised = _Supervised()
+    previous = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1,
+                                                 signal.SIGUSR2)}  # fmt: skip
+    supervised.install()
+    supervised.ready = True
+    supervised.begin(TrialGuard(trial, Limits()))
+    supervised.in_objective = True
+    sent: list[str] = []
+
+    def send(*_args: object) -> None:
+        if not sent:
+            sent.append("SIGTERM")
+            os.kill(os.getpid(), signal.SIGTERM)  # its handler runs inside the commit
+
+    target = storage.engine if when == "commit" else storage.scoped_session
+    sqlalchemy.event.listen(target, when, send)
+    try:
+        with pytest.raises(GuardPruned) as raised:
+            if call == "read":
+                storage.get_all_trials(study._study_id)
+            else:
+                storage.set_trial_user_attr(trial._trial_id, "x", 1)
+        assert sent and raised.value.violation.reason == "interrupted"
+        sqlalchemy.event.remove(target, when, send)
+        supervised.in_objective = False
+        stored = storage.get_trial(trial._trial_id)  # the thread's session still works
+        assert stored.user_attrs == ({} if call == "read" else {"x": 1})
+        study.tell(trial, state=TrialState.PRUNED)
+        assert storage.get_trial(trial._trial_id).state == TrialState.PRUNED
+    finally:
+        on_leaving(None)
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
     assert _lock_is_free(tmp_path / "optguard.db")
 
 
@@ -299,3 +352,124 @@ def test_a_claim_whose_commit_reply_was_lost_is_not_created_twice(tmp_path: Path
     assert only.number == trial.number and only.state == TrialState.RUNNING
     assert only.user_attrs == owner
     slots.close()
+
+
+def test_reads_run_beside_a_held_write_lock_and_writes_wait_for_it(tmp_path: Path) -> None:
+    """A storage call that only reads takes neither the lock file nor SQLite's write lock
+    (WAL readers run beside the writer); a write still waits for the holder."""
+    import threading
+
+    storage = _storage(tmp_path)
+    study = optuna.load_study(study_name="s", storage=storage)
+    trial_id = study.ask()._trial_id
+    holder = subprocess.Popen(
+        [sys.executable, "-c", HOLD, sqlite_url(tmp_path)], stdout=subprocess.PIPE, text=True
+    )
+    try:
+        assert holder.stdout is not None and holder.stdout.readline().strip() == "holding"
+        read = threading.Thread(target=lambda: storage.get_all_trials(study._study_id))
+        write = threading.Thread(target=lambda: storage.set_trial_user_attr(trial_id, "k", 1))
+        read.start()
+        write.start()
+        read.join(timeout=60)
+        assert not read.is_alive()  # done while the holder still holds the lock
+        assert write.is_alive()  # waits: the holder is alive and holds it
+    finally:
+        holder.kill()
+        holder.wait()
+    write.join(timeout=60)
+    assert not write.is_alive()
+    assert storage.get_trial(trial_id).user_attrs == {"k": 1}
+    assert _lock_is_free(tmp_path / "optguard.db")
+
+
+def test_closing_attributes_are_written_by_the_finish_even_when_it_is_retried(
+    tmp_path: Path,
+) -> None:
+    storage = _storage(tmp_path)
+    study = optuna.load_study(study_name="s", storage=storage)
+    first, second = study.ask(), study.ask()
+    set_closing_attrs(storage, first._trial_id, {"optguard.final_rss_bytes": 1})
+    storage.set_trial_user_attr(first._trial_id, "seen", True)  # not a finish: still pending
+    assert storage.get_trial(first._trial_id).user_attrs == {"seen": True}
+    study.tell(first, 1.0)
+    set_closing_attrs(storage, second._trial_id, {"optguard.final_rss_bytes": 2})
+    _lose_commit_reply(storage)
+    assert storage.set_trial_state_values(second._trial_id, TrialState.PRUNED) is True
+    done = {t.number: t for t in study.get_trials()}
+    assert done[0].state == TrialState.COMPLETE
+    assert done[0].user_attrs == {"seen": True, "optguard.final_rss_bytes": 1}
+    assert done[1].state == TrialState.PRUNED
+    assert done[1].user_attrs == {"optguard.final_rss_bytes": 2}
+    assert storage.closing_attrs == {}  # nothing left behind for a later trial
+
+
+def test_a_claim_counts_to_the_total_and_still_pops_an_enqueued_retry(tmp_path: Path) -> None:
+    storage = _storage(tmp_path)
+    study = optuna.load_study(study_name="s", storage=storage)
+    slots = TrialSlots(storage, "s")
+    owner = {"optguard.worker": "host:1"}
+    claimed = [slots.claim(study, 3, owner) for _ in range(4)]
+    assert [t.number if t else None for t in claimed] == [0, 1, 2, None]
+    study.enqueue_trial({"x": 1.0})
+    retry = slots.claim(study, 3, owner)  # the total is reached, the enqueued trial still runs
+    assert retry is not None and retry.number == 3
+    assert slots.claim(study, 3, owner) is None
+    trials = storage.get_all_trials(study._study_id)
+    assert [t.state for t in trials] == [TrialState.RUNNING] * 4
+    assert all(t.user_attrs == owner for t in trials)
+    assert retry.suggest_float("x", 0, 2) == 1.0  # the cache knows the popped trial
+    slots.close()
+
+
+@pytest.mark.parametrize("needle", ["INSERT INTO trial_user_attributes", "FROM trials"])
+def test_a_ctrl_c_inside_a_call_propagates_and_leaves_no_lock_held(
+    tmp_path: Path, needle: str
+) -> None:
+    """SQLAlchemy invalidates the connection on a KeyboardInterrupt; the lock must still be
+    let go, and the interrupt must not turn into a retried "outage"."""
+    storage = _storage(tmp_path)
+    trial_id = optuna.load_study(study_name="s", storage=storage).ask()._trial_id
+    dialect = storage.engine.dialect
+    execute = dialect.do_execute
+    armed = [True]
+
+    def interrupted(cursor: object, statement: str, *args: object) -> object:
+        if armed[0] and needle in statement:
+            armed[0] = False
+            raise KeyboardInterrupt
+        return execute(cursor, statement, *args)
+
+    dialect.do_execute = interrupted  # type: ignore[method-assign]
+    with pytest.raises(KeyboardInterrupt):
+        if needle.startswith("INSERT"):
+            storage.set_trial_user_attr(trial_id, "k", 1)
+        else:
+            storage.get_trial(trial_id)
+    assert not in_transaction()
+    assert _lock_is_free(tmp_path / "optguard.db")
+    storage.set_trial_user_attr(trial_id, "k2", 2)  # the storage works on
+    assert storage.get_trial(trial_id).user_attrs["k2"] == 2
+    assert _lock_is_free(tmp_path / "optguard.db")
+
+
+@pytest.mark.parametrize("kind", ["sqlite", "journal"])
+def test_progress_best_and_front_leave_infeasible_trials_out(tmp_path: Path, kind: str) -> None:
+    """As ``study.best_trial(s)``: the best value and the Pareto front are over feasible
+    trials only, from SQL on an RDB storage and from the trials on a journal file."""
+    from optguard.progress import read_progress
+
+    url = sqlite_url(tmp_path) if kind == "sqlite" else f"journal:///{tmp_path}/j.log"
+    storage = open_storage(url, create_schema=True)
+    single = optuna.create_study(study_name="one", storage=storage)
+    multi = optuna.create_study(study_name="two", storage=storage, directions=["minimize"] * 2)
+    for value, constraint in ((0.0, 1.0), (5.0, -1.0), (3.0, None)):
+        attrs = {} if constraint is None else {"constraints:c": constraint}
+        single.add_trial(optuna.trial.create_trial(value=value, system_attrs=attrs))
+        multi.add_trial(
+            optuna.trial.create_trial(values=[value, -value], system_attrs=attrs)
+        )
+    assert read_progress(storage, single._study_id).best_value == 3.0  # not the infeasible 0
+    assert single.best_value == 3.0
+    front = read_progress(storage, multi._study_id).pareto_front
+    assert front == len(multi.best_trials) == 2  # (5, -5) and (3, -3); not (0, 0)

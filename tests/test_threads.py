@@ -182,8 +182,9 @@ def _probe_run(
     *args: str,
     n_trials: int = 2,
     env: dict[str, str] | None = None,
-) -> tuple[str, dict[int, list[tuple[str, int, str]]]]:
-    """Run the probe; its first stdout line and, per worker pid, ``(OMP, ncpus, cpus)`` seen."""
+) -> tuple[str, dict[int, list[tuple[str, int, str, str]]]]:
+    """Run the probe; its first stdout line and, per worker pid, ``(OMP, ncpus, cpus, joblib's
+    cpu_count)`` seen."""
     for var in (*THREAD_VARS, THREADS_ENV):
         monkeypatch.delenv(var, raising=False)
     probe_dir = tmp_path / "probe"
@@ -195,7 +196,7 @@ def _probe_run(
     )  # fmt: skip
     assert result.returncode == 0, result.stdout + result.stderr
     seen = {
-        int(p.name): [(omp, int(n), cpus) for omp, n, cpus in map(str.split, lines)]
+        int(p.name): [(omp, int(n), cpus, jobs) for omp, n, cpus, jobs in map(str.split, lines)]
         for p in probe_dir.iterdir()
         for lines in [p.read_text().splitlines()]
     }
@@ -212,8 +213,10 @@ def test_default_is_cores_over_workers(
     first, seen = _probe_run(tmp_path, study_name, monkeypatch)
     expected = default_threads(CORES, 2)  # 1 on the 2-core CI machine
     assert f"2 worker(s), {expected} thread(s) per worker, logs in" in first
-    assert {omp for lines in seen.values() for omp, _, _ in lines} == {str(expected)}
-    assert {n for lines in seen.values() for _, n, _ in lines} == {CORES}  # not pinned
+    assert {omp for lines in seen.values() for omp, _, _, _ in lines} == {str(expected)}
+    assert {n for lines in seen.values() for _, n, _, _ in lines} == {CORES}  # not pinned
+    # n_jobs=-1 (joblib, scikit-learn) means the worker's share too, not every core
+    assert {jobs for lines in seen.values() for _, _, _, jobs in lines} == {str(expected)}
 
 
 def test_threads_per_worker_flag(
@@ -221,7 +224,7 @@ def test_threads_per_worker_flag(
 ) -> None:
     first, seen = _probe_run(tmp_path, study_name, monkeypatch, "--threads-per-worker", "2")
     assert "2 thread(s) per worker" in first
-    assert {omp for lines in seen.values() for omp, _, _ in lines} == {"2"}
+    assert {omp for lines in seen.values() for omp, _, _, _ in lines} == {"2"}
 
 
 def test_user_environment_wins(
@@ -229,7 +232,7 @@ def test_user_environment_wins(
 ) -> None:
     first, seen = _probe_run(tmp_path, study_name, monkeypatch, env={"OMP_NUM_THREADS": "3"})
     assert "(OMP_NUM_THREADS=3 from the environment)" in first
-    assert {omp for lines in seen.values() for omp, _, _ in lines} == {"3"}
+    assert {omp for lines in seen.values() for omp, _, _, _ in lines} == {"3"}
 
 
 def test_cpu_affinity_gives_each_worker_its_cores(
@@ -242,13 +245,13 @@ def test_cpu_affinity_gives_each_worker_its_cores(
     )  # fmt: skip
     k = default_threads(CORES, 2)
     assert re.search(rf"{k} thread\(s\) per worker, cpus [0-9,-]+ pinned", first), first
-    assert {n for lines in seen.values() for _, n, _ in lines} == {min(k, CORES)}
+    assert {n for lines in seen.values() for _, n, _, _ in lines} == {min(k, CORES)}
     labels = re.findall(r"worker=(\d+):(\d+)", log_text(tmp_path))
     index_of = {int(pid): int(i) for i, pid in labels}
     assert len(seen) > 2 and set(seen) <= set(index_of)  # replacements were started
     by_index: dict[int, set[str]] = {}
     for pid, lines in seen.items():
-        by_index.setdefault(index_of[pid], set()).update(cpus for _, _, cpus in lines)
+        by_index.setdefault(index_of[pid], set()).update(cpus for _, _, cpus, _ in lines)
     assert sorted(by_index) == [0, 1]
     assert all(len(c) == 1 for c in by_index.values()), by_index  # same cores, every worker
     if 2 * k <= CORES:

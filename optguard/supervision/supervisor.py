@@ -35,7 +35,7 @@ import psutil
 from optguard import channel, proctree
 from optguard.config import RunOptions
 from optguard.control import read_request, set_request
-from optguard.early_stopping import study_plateaued
+from optguard.early_stopping import patience_error, study_plateaued
 from optguard.errors import (
     OptguardError,
     StorageError,
@@ -44,12 +44,19 @@ from optguard.errors import (
     WorkerStartError,
 )
 from optguard.guard import REASON_MEMORY, REASON_SYSTEM_MEMORY, Violation
+from optguard.liveness import Proc, parse_owner, probe_trial
 from optguard.outage import outage_of
 from optguard.preflight import check_run_inputs
 from optguard.progress import Progress, read_progress
 from optguard.recovery import Recovery, mark_interrupted, reap_stale, recover
 from optguard.report import LIMITS_ATTR
-from optguard.storage import TrialSlots, mask_url, open_storage, resolve_url
+from optguard.storage import TrialSlots, is_rdb, mask_url, open_storage, resolve_url
+from optguard.study import (
+    direction_names,
+    resolve_directions,
+    sampler_error,
+    stored_directions,
+)
 from optguard.supervision.escalation import (
     REASON_CANCELLED,
     Step,
@@ -62,6 +69,7 @@ from optguard.supervision.keeper import start_keeper, tell_keeper
 from optguard.supervision.orphans import ORPHAN_GRACE_S, Orphans
 from optguard.supervision.outcome import Ended, fail_fast_error, incomplete_error
 from optguard.supervision.workers import Worker, spawn_worker
+from optguard.termination import TERMINATED_ATTR, TerminatorWatch, terminate_error
 from optguard.worker import ATTR_PREFIX, REASON_INTERRUPTED, START_FAILURE
 
 __all__ = ["RunResult", "run_study"]
@@ -103,8 +111,14 @@ class _Signals:
         self.last = signum
 
 
-def prepare_study(opts: RunOptions) -> tuple[str, Any, Any, int, Recovery]:
-    """Create the schema and the study once, then recover it, before any worker starts."""
+def prepare_study(opts: RunOptions) -> tuple[str, Any, Any, int, Recovery, tuple[str, ...]]:
+    """Create the schema and the study once, then recover it, before any worker starts.
+
+    Also returns the study's directions: an existing study's own when none were given, which
+    the workers are then given too. Bad input (other directions than the study's, --patience
+    or --sampler cmaes on a multi-objective study) is refused before the study is created or
+    changed.
+    """
     import optuna
     import sqlalchemy.exc
 
@@ -114,25 +128,33 @@ def prepare_study(opts: RunOptions) -> tuple[str, Any, Any, int, Recovery]:
     )
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     try:
-        study = optuna.create_study(
-            study_name=opts.study, storage=storage, direction=opts.direction, load_if_exists=True
+        directions = resolve_directions(
+            opts.directions, stored_directions(storage, opts.study), opts.study
         )
+        refused = (
+            patience_error(opts.patience, len(directions))
+            or terminate_error(opts.terminate, len(directions))
+            or sampler_error(opts.sampler, len(directions))
+        )
+        if refused is not None:
+            raise UsageError(f"study {opts.study!r}: {refused}")
+        study = optuna.create_study(
+            study_name=opts.study, storage=storage, directions=list(directions),
+            load_if_exists=True,
+        )  # fmt: skip
     except sqlalchemy.exc.SQLAlchemyError as exc:
         raise StorageError(
             f"storage {mask_url(url)} refused the study: {type(exc).__name__}"
         ) from None
-    if study.direction.name.lower() != opts.direction:
-        raise UsageError(
-            f"study {opts.study!r} exists with direction {study.direction.name.lower()}, "
-            f"not {opts.direction}"
-        )
+    # Another host may have created it meanwhile, with other directions.
+    resolve_directions(directions, direction_names(study.directions), opts.study)
     slots = TrialSlots(storage, opts.study)
     try:
         with slots.lock():
             recovery = recover(study, storage, slots.study_id, opts.retry_pruned)
     finally:
         slots.close()
-    return url, storage, study, slots.study_id, recovery
+    return url, storage, study, slots.study_id, recovery, directions
 
 
 def _interrupt_note(violation: Violation, esc: Any) -> str:
@@ -209,6 +231,7 @@ class _Supervisor:
         self.unready_deaths = 0  # in a row, while no worker was ever ready
         self.keeper: Any = None
         self.kept: dict[int, bytes] = {}  # pids told to the keeper, with their start times
+        self.terminator: TerminatorWatch | None = None  # --terminate, once the study is open
 
     # -- workers ---------------------------------------------------------------------------
     def spawn(self, index: int) -> None:
@@ -583,14 +606,17 @@ class _Supervisor:
         violation = worker.kill
         if violation is None:
             return
+        peak = max(trial.peak if trial else 0, violation.rss_bytes)
         attrs = {
             "reason": violation.reason,
             "elapsed_s": round(violation.elapsed_s, 3),
             "rss_bytes": violation.rss_bytes,
             "limit": violation.limit,
+            **violation.limit_in_unit(),
             "enforcement": "hard_kill",
             "hard_kill": True,
-            "peak_rss_bytes": max(trial.peak if trial else 0, violation.rss_bytes),
+            "peak_rss_bytes": peak,
+            "peak_mb": round(peak / 1e6, 1),
         }
         trial_id = trial.trial_id if trial is not None else None
         marked = self.mark_trial(worker, trial_id, TrialState.PRUNED, attrs)
@@ -619,7 +645,10 @@ class _Supervisor:
     # -- heartbeat and reaping ---------------------------------------------------------------
     def heartbeat(self) -> None:
         """Beat for this host's running trials (a worker stuck in C cannot beat for itself),
-        then reap trials whose owners died, and retry them once."""
+        then reap trials whose owners died, and retry them once. Not on a journal file: it
+        has no heartbeat (this host's dead trials are reaped by the next run here)."""
+        if not is_rdb(self.storage):
+            return
         for worker in self.workers.values():
             if worker.trial is not None:
                 self.storage.record_heartbeat(worker.trial.trial_id)
@@ -645,6 +674,8 @@ class _Supervisor:
             self.requests_at = now
             if self.opts.patience is not None and not self.draining:
                 self.outage.poll(self.check_plateau, None)
+            if self.opts.terminate and not self.draining:
+                self.outage.poll(lambda: self.check_terminator(now), None)
             action = self.outage.poll(lambda: read_request(self.storage, self.study_id), None)
             if action == "stop" and not self.draining:
                 self.stop("optguard stop: no new trials, running trials finish")
@@ -661,11 +692,42 @@ class _Supervisor:
         )  # fmt: skip
         reason = study_plateaued(
             finished, self.opts.patience or 0, self.opts.min_delta,
-            self.opts.direction == "maximize",
+            self.opts.directions == ("maximize",),
         )  # fmt: skip
         if reason is not None:
             self.storage.set_study_user_attr(self.study_id, EARLY_STOP_ATTR, reason)
             self.end_on_purpose(reason)
+
+    def check_terminator(self, now: float) -> None:
+        """``--terminate``: act on the last evaluation of Optuna's terminator (run in a thread
+        on a snapshot, ``optguard.termination``); start the next when one is due. In the main
+        thread: the watch quiets the terminator's warnings here, before the first one."""
+        from optuna.trial import TrialState
+
+        if self.terminator is None:
+            self.terminator = TerminatorWatch(self.opts.directions[0])
+        watch = self.terminator
+        verdict = watch.collect()
+        if verdict is not None and verdict.notice is not None:
+            _log.warning("%s", verdict.notice)
+            if self.on_notice is not None:
+                self.on_notice(verdict.notice)
+        if verdict is not None and verdict.reason is not None:
+            self.storage.set_study_user_attr(self.study_id, TERMINATED_ATTR, verdict.reason)
+            self.end_on_purpose(verdict.reason)
+            return
+        if self.on_progress is None and now - self.progress_at > PROGRESS_EVERY_S:
+            self.progress_at = now  # the loop reads the progress only for on_progress
+            self.progress = self.read_progress()
+        # Due or not is decided on the progress's count (read every PROGRESS_EVERY_S); all the
+        # complete trials (seconds at thousands) are read only for an evaluation that starts.
+        watch.offer(
+            now,
+            self.progress.states.get("COMPLETE", 0),
+            lambda: self.storage.get_all_trials(
+                self.study_id, deepcopy=False, states=(TrialState.COMPLETE,)
+            ),
+        )
 
     def end_on_purpose(self, reason: str) -> None:
         """The study decided it is done (``--patience``, ``study.stop()``): every host stops
@@ -709,7 +771,11 @@ class _Supervisor:
     def run(self) -> RunResult:
         start = time.monotonic()
         check_run_inputs(self.opts)  # before the storage is touched: bad input changes nothing
-        self.url, self.storage, self.study, self.study_id, recovery = prepare_study(self.opts)
+        self.url, self.storage, self.study, self.study_id, recovery, directions = prepare_study(
+            self.opts
+        )
+        # Workers get the study's directions: repeated to them, never a different default.
+        self.opts = replace(self.opts, directions=directions)
         # The loop's own storage calls: skipped during an outage (limits are still enforced),
         # StorageError once it has lasted --storage-outage.
         self.outage = outage_of(self.storage)
@@ -815,7 +881,27 @@ class _Supervisor:
             for index in range(self.opts.workers):
                 self.spawn(index)
             return False
-        return not self.progress.running
+        # Other hosts' running trials are waited for where a heartbeat can tell a dead host.
+        # A journal file has none: only this host's trials whose owner is alive are waited
+        # for (another run here); waiting on other hosts could last for ever (exit 6).
+        if not self.progress.running or is_rdb(self.storage):
+            return not self.progress.running
+        return not self.outage.poll(self.live_here, False)
+
+    def live_here(self) -> bool:
+        """Whether a RUNNING trial of the study is run by a live process of this host."""
+        from optuna.trial import TrialState
+
+        host = socket.gethostname()
+        running = self.storage.get_all_trials(
+            self.study_id, deepcopy=False, states=(TrialState.RUNNING,)
+        )
+        for trial in running:
+            owner = parse_owner(trial.user_attrs.get(ATTR_PREFIX + "worker"))
+            if owner is not None and owner.host == host:
+                if probe_trial(owner, trial) is Proc.RUNNING:
+                    return True
+        return False
 
     def loop(self) -> None:
         orphans_since: float | None = None

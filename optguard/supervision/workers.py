@@ -104,7 +104,7 @@ def worker_argv(opts: RunOptions, index: int) -> list[str]:
         "--study", opts.study,
         "--objective", opts.objective,
         "--index", str(index),
-        "--direction", opts.direction,
+        *(arg for d in opts.directions for arg in ("--direction", d)),
         "--sampler", opts.sampler,
         "--pruner", opts.pruner,
         "--log-dir", str(opts.log_dir),
@@ -118,6 +118,7 @@ def worker_argv(opts: RunOptions, index: int) -> list[str]:
         "--max-rss": opts.limits.max_rss_bytes,
         "--max-trials-per-worker": opts.max_trials_per_worker,
         "--recycle-rss": opts.recycle_rss,
+        "--seed": opts.seed,
     }
     if opts.tag is not None:
         argv += ["--tag", opts.tag]

@@ -24,3 +24,15 @@ def waits(trial):
     while not os.path.exists("fixed"):
         time.sleep(0.05)
     return x
+
+
+def reaped_meanwhile(trial):
+    """Trial #0 is finished by "another host" while it runs (as a reap after a missed
+    heartbeat does), then returns a value as if nothing happened."""
+    x = trial.suggest_float("x", 0, 1)
+    if trial.number == 0:
+        from optguard.recovery import mark_interrupted
+
+        storage = trial.study._storage._backend  # the RDB storage behind Optuna's cache
+        mark_interrupted(storage, trial._trial_id, "no heartbeat: reaped in a test")
+    return x
