@@ -112,6 +112,20 @@ CheckpointBudgetOpt = typer.Option(
     None, "--checkpoint-budget", help="Time the on_interrupt callbacks of an interrupted trial "
     "get before the worker may be killed. [10s]",
 )
+CheckpointStoreOpt = typer.Option(
+    None, "--checkpoint-store", help="Where optguard.checkpoints(trial) keeps checkpoints: "
+    "local (--checkpoint-dir) or artifacts (the artifact store, so that a retry on any host "
+    "resumes). [local]",
+)
+ArtifactsOpt = typer.Option(
+    None, "--artifacts", help="Artifact store directory for the guard's evidence (memory "
+    "timeline, log lines) shown in optuna-dashboard, or none. [optguard-artifacts beside the "
+    "storage file]",
+)
+ArtifactsAllOpt = typer.Option(
+    None, "--artifacts-all/--artifacts-guarded", help="Evidence for every trial, or only for "
+    "those the guard ended. [guarded]",
+)
 
 KeepPoolsOpt = typer.Option(
     None, "--keep-pools/--no-keep-pools", help="Keep the idle workers of a process pool the "
@@ -250,6 +264,9 @@ def run(
     ),
     checkpoint_dir: Optional[Path] = CheckpointDirOpt,
     checkpoint_budget: Optional[str] = CheckpointBudgetOpt,
+    checkpoint_store: Optional[str] = CheckpointStoreOpt,
+    artifacts: Optional[str] = ArtifactsOpt,
+    artifacts_all: Optional[bool] = ArtifactsAllOpt,
     start_timeout: Optional[str] = typer.Option(
         None, "--start-timeout", help="A worker not ready by then (its objective's import "
         "hangs) ends the run. [10m]",
@@ -280,6 +297,7 @@ def run(
         retry_pruned=retry_pruned, patience=patience, min_delta=min_delta, heartbeat=heartbeat,
         terminate=terminate,
         checkpoint_dir=checkpoint_dir, checkpoint_budget=checkpoint_budget,
+        checkpoint_store=checkpoint_store, artifacts=artifacts, artifacts_all=artifacts_all,
         start_timeout=start_timeout, fail_fast=fail_fast, storage_outage=storage_outage,
         threads_per_worker=threads_per_worker, cpu_affinity=cpu_affinity, keep_pools=keep_pools,
     )  # fmt: skip
@@ -361,6 +379,9 @@ def worker(
     tag: Optional[str] = TagOpt,
     checkpoint_dir: Optional[Path] = CheckpointDirOpt,
     checkpoint_budget: Optional[str] = CheckpointBudgetOpt,
+    checkpoint_store: Optional[str] = CheckpointStoreOpt,
+    artifacts: Optional[str] = ArtifactsOpt,
+    artifacts_all: Optional[bool] = ArtifactsAllOpt,
     storage_outage: Optional[str] = StorageOutageOpt,
     keep_pools: Optional[bool] = KeepPoolsOpt,
 ) -> None:
@@ -371,7 +392,8 @@ def worker(
         pruner=pruner, seed=seed, config=config, log_dir=log_dir, workers=None,
         max_trials_per_worker=max_trials_per_worker, recycle_rss=recycle_rss, tag=tag, checkpoint_dir=checkpoint_dir,
         checkpoint_budget=checkpoint_budget, storage_outage=storage_outage,
-        keep_pools=keep_pools,
+        keep_pools=keep_pools, checkpoint_store=checkpoint_store, artifacts=artifacts,
+        artifacts_all=artifacts_all,
     )  # fmt: skip
     from optguard.worker import run_worker
 

@@ -8,6 +8,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Mapping
 
+from optguard.artifacts import CHECKPOINT_STORES
 from optguard.checkpointing import DEFAULT_ROOT as DEFAULT_CHECKPOINT_DIR
 from optguard.early_stopping import patience_error
 from optguard.errors import ConfigError, UsageError
@@ -55,6 +56,9 @@ CONFIG_KEYS: dict[str, tuple[type, ...]] = {
     "min_delta": (int, float),
     "checkpoint_dir": (str,),
     "checkpoint_budget": (str, int, float),
+    "checkpoint_store": (str,),
+    "artifacts": (str,),
+    "artifacts_all": (bool,),
     "start_timeout": (str, int, float),
     "fail_fast": (int,),
     "storage_outage": (str, int, float),
@@ -94,6 +98,9 @@ class RunOptions:
     min_delta: float = 0.0
     checkpoint_dir: Path = DEFAULT_CHECKPOINT_DIR
     checkpoint_budget_s: float = 10.0  # emergency checkpoint callbacks, after an interrupt
+    checkpoint_store: str = "local"  # or "artifacts": checkpoints any host can resume from
+    artifacts: str | None = None  # the artifact store's directory, "none", None: the default
+    artifacts_all: bool = False  # evidence for every trial, not only those the guard ended
     start_timeout_s: float = 600.0  # a worker not ready by then (its import hangs) ends the run
     fail_fast: int = 3  # the run's first N trials all failing with one error end it; 0: never
     storage_outage_s: float = 60.0  # storage unreachable this long: give up (exit 3)
@@ -207,6 +214,20 @@ def resolve_options(flags: Mapping[str, Any], config: Path | None = None) -> Run
                 f"{name('retry_pruned')}: unknown reason {reason!r} "
                 f"(use {', '.join(RETRY_REASONS)})"
             )
+    store = merged.get("checkpoint_store", "local")
+    if store not in CHECKPOINT_STORES:
+        raise UsageError(
+            f"{name('checkpoint_store')} must be one of {', '.join(CHECKPOINT_STORES)}, "
+            f"got {store!r}"
+        )
+    artifacts = merged.get("artifacts")
+    if artifacts is not None and not str(artifacts).strip():
+        raise UsageError(f"{name('artifacts')} must be a directory or none, got {artifacts!r}")
+    if store == "artifacts" and str(artifacts).strip().lower() == "none":
+        raise UsageError(
+            f"{name('checkpoint_store')} artifacts needs an artifact store, but "
+            f"{name('artifacts')} is none"
+        )
     min_delta = merged.get("min_delta", 0.0)
     if min_delta < 0:
         raise UsageError(f"{name('min_delta')} must be >= 0, got {min_delta}")
@@ -235,6 +256,9 @@ def resolve_options(flags: Mapping[str, Any], config: Path | None = None) -> Run
         checkpoint_budget_s=parsed(
             "checkpoint_budget", parse_duration, defaults.checkpoint_budget_s
         ),
+        checkpoint_store=store,
+        artifacts=artifacts,
+        artifacts_all=bool(merged.get("artifacts_all", defaults.artifacts_all)),
         start_timeout_s=parsed("start_timeout", parse_duration, defaults.start_timeout_s),
         fail_fast=fail_fast,
         storage_outage_s=parsed("storage_outage", parse_duration, defaults.storage_outage_s),

@@ -38,6 +38,8 @@ def check_run_inputs(opts: RunOptions) -> None:
     # to be writable (a read-only working directory with a server storage is fine).
     explicit = opts.checkpoint_dir != DEFAULT_CHECKPOINT_DIR
     _check_directory(opts.checkpoint_dir, "--checkpoint-dir", writable=explicit)
+    if opts.artifacts is not None and opts.artifacts.strip().lower() != "none":
+        _check_directory(Path(opts.artifacts), "--artifacts", writable=True)
     _check_file_storage(opts.storage)
 
 

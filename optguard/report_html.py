@@ -99,16 +99,22 @@ def svg_chart(
     fmt: Any,
     series: list[dict[str, Any]],
     limit: tuple[float, str] | None = None,
+    x_label: str = "trial number",
+    standalone: bool = False,
+    x_limit: tuple[float, str] | None = None,
 ) -> str:
-    """A scatter (or lines) chart of y against trial number. ``series``: dicts with ``label``,
-    ``colour``, ``points`` [(trial, y, hover)], and ``line`` (join the points)."""
+    """A scatter (or lines) chart of y against trial number (or, with another ``x_label``,
+    seconds). ``series``: dicts with ``label``, ``colour``, ``points`` [(x, y, hover)], and
+    ``line`` (join the points). ``standalone``: an SVG file of its own, with its styles.
+    ``x_limit``: a limit on the x axis (a timeout), drawn upright; seconds start at 0."""
+    whole_x = x_label == "trial number"
     width, height = 900, 340
     left, right, top_pad, bottom = 80, 280, 44, 56
     plot_w, plot_h = width - left - right, height - top_pad - bottom
     pts = [(x, y) for s in series for x, y, _ in s["points"] if y is not None]
     xs = [x for x, _ in pts] or [0]
     ys = [y for _, y in pts] + ([limit[0]] if limit else [])
-    x0, x1 = min(xs), max(xs)
+    x0, x1 = (min(xs) if whole_x else 0.0), max(xs + ([x_limit[0]] if x_limit else []))
     x1 = x1 if x1 > x0 else x0 + 1
     y_top = (max(ys) if ys else 1.0) * 1.1 or 1.0
     ticks = _nice_ticks(y_top)
@@ -123,8 +129,10 @@ def svg_chart(
     out = [
         f'<svg class="chart" width="{width}" '
         f'height="{height}" viewBox="0 0 {width} {height}" role="img" '
-        f'aria-label="{escape(title)}">',
+        + ('xmlns="http://www.w3.org/2000/svg" ' if standalone else "")
+        + f'aria-label="{escape(title)}">',
         f"<title>{escape(title)}</title>",
+        *([f"<style>{CHART_CSS}</style>"] if standalone else []),
         f'<text x="{left}" y="24" class="ctitle">{escape(title)}</text>',
         f'<rect x="{left}" y="{top_pad}" width="{plot_w}" height="{plot_h}" fill="#fafafa" '
         'stroke="#bbb"/>',
@@ -136,7 +144,7 @@ def svg_chart(
         out.append(f'<text x="{left - 6}" y="{y + 4:.1f}" class="tick" text-anchor="end">'
                    f"{escape(fmt(t))}</text>")  # fmt: skip
     for t in _nice_ticks(x1 - x0, 8):
-        if x0 + t > x1 + 1e-9 or t != int(t):  # trial numbers are whole
+        if x0 + t > x1 + 1e-9 or (whole_x and t != int(t)):  # trial numbers are whole
             continue
         x = px(x0 + t)
         out.append(f'<line x1="{x:.1f}" y1="{top_pad + plot_h}" x2="{x:.1f}" '
@@ -144,7 +152,7 @@ def svg_chart(
         out.append(f'<text x="{x:.1f}" y="{top_pad + plot_h + 17}" class="tick" '
                    f'text-anchor="middle">{x0 + t:g}</text>')  # fmt: skip
     out.append(f'<text x="{left + plot_w / 2:.0f}" y="{height - 12}" class="axis" '
-               'text-anchor="middle">trial number</text>')  # fmt: skip
+               f'text-anchor="middle">{escape(x_label)}</text>')  # fmt: skip
     cy = top_pad + plot_h / 2
     out.append(f'<text x="16" y="{cy:.0f}" class="axis" text-anchor="middle" '
                f'transform="rotate(-90 16 {cy:.0f})">{escape(y_label)}</text>')  # fmt: skip
@@ -158,6 +166,17 @@ def svg_chart(
         out.append(
             f'<text x="{left + plot_w - 4}" y="{y - 5:.1f}" class="limitlabel" '
             f'text-anchor="end" fill="{LIMIT_COLOUR}">{escape(limit[1])}</text>'
+        )
+    if x_limit:
+        x = px(x_limit[0])
+        out.append(
+            f'<line class="limit" x1="{x:.1f}" y1="{top_pad}" x2="{x:.1f}" '
+            f'y2="{top_pad + plot_h}" stroke="{LIMIT_COLOUR}" stroke-width="1.5" '
+            f'stroke-dasharray="6 4"><title>{escape(x_limit[1])}</title></line>'
+        )
+        out.append(
+            f'<text x="{x - 4:.1f}" y="{top_pad + 14}" class="limitlabel" '
+            f'text-anchor="end" fill="{LIMIT_COLOUR}">{escape(x_limit[1])}</text>'
         )
     for s in series:
         shown = [(x, y, hover) for x, y, hover in s["points"] if y is not None]
@@ -178,8 +197,7 @@ def svg_chart(
     # legend: only what is drawn
     entries = [(s["label"], s["colour"], "dot") for s in series if any(
         y is not None for _, y, _ in s["points"])]  # fmt: skip
-    if limit:
-        entries.append((limit[1], LIMIT_COLOUR, "dash"))
+    entries += [(lim[1], LIMIT_COLOUR, "dash") for lim in (limit, x_limit) if lim]
     lx, ly = left + plot_w + 16, top_pad + 6
     out.append(f'<g class="legend"><text x="{lx}" y="{ly}" class="axis">legend</text>')
     for i, (label, colour, kind) in enumerate(entries):
@@ -307,6 +325,11 @@ def _guard_sentences(report: dict[str, Any], mem_mb: float | None,
     return out
 
 
+CHART_CSS = """
+svg .ctitle { font-size: 15px; font-weight: bold; } svg .axis { font-size: 12px; }
+svg .tick { font-size: 11px; } svg .limitlabel { font-size: 12px; font-weight: bold; }
+svg { font-family: sans-serif; }
+"""
 CSS = """
 body { font-family: sans-serif; margin: 24px auto; max-width: 960px; color: #222;
        line-height: 1.45; }
@@ -319,10 +342,8 @@ td.num { text-align: right; }
 .swatch { display: inline-block; width: 10px; height: 10px; border-radius: 5px;
   margin-right: 5px; }
 svg.chart { display: block; margin: 1em 0; font-family: sans-serif; }
-svg .ctitle { font-size: 15px; font-weight: bold; } svg .axis { font-size: 12px; }
-svg .tick { font-size: 11px; } svg .limitlabel { font-size: 12px; font-weight: bold; }
 :target { background: #fff3b0; font-weight: bold; }
-"""
+""" + CHART_CSS
 
 
 def render_html(report: dict[str, Any]) -> str:

@@ -8,6 +8,7 @@ obeys the supervisor's commands (see ``optguard.channel``).
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import logging
 import math
@@ -29,6 +30,7 @@ from optuna.trial import TrialState
 
 from optguard import channel, leftovers, proctree
 from optguard import guard as guard_mod
+from optguard.artifacts import ARTIFACT_DIR_ENV, CHECKPOINT_STORE_ENV, artifact_dir, open_store
 from optguard.checkpointing import (
     CHECKPOINT_DIR_ENV,
     clear_interrupt_callbacks,
@@ -65,6 +67,7 @@ from optguard.study import (
     worker_seed,
 )
 from optguard.threads import available_cpus, worker_summary
+from optguard.timeline import read_spool, spool_path
 
 __all__ = ["run_worker", "WorkerIdentity", "ATTR_PREFIX", "START_FAILURE", "EXIT_RECYCLE"]
 
@@ -312,6 +315,7 @@ class _TrialRunner:
         identity: WorkerIdentity,
         log: logging.Logger,
         supervised: _Supervised,
+        url: str,
     ) -> None:
         self.study = study
         self.storage = storage
@@ -333,6 +337,15 @@ class _TrialRunner:
         self._announce_study_stop()
         # Where optguard.checkpoints() roots its directories, here and in the trials' children.
         os.environ[CHECKPOINT_DIR_ENV] = str(opts.checkpoint_dir.absolute())
+        os.environ[CHECKPOINT_STORE_ENV] = opts.checkpoint_store
+        self.artifact_dir = artifact_dir(url, opts.artifacts)
+        self.store: Any = None  # opened at the first evidence
+        self.log_path = worker_log_path(opts.log_dir, opts.study, identity.host, identity.index)
+        self.log_offset: int | None = None  # where the log ended when the trial began
+        if self.artifact_dir is not None:
+            os.environ[ARTIFACT_DIR_ENV] = str(self.artifact_dir)
+        else:
+            os.environ.pop(ARTIFACT_DIR_ENV, None)
 
     def owner_attrs(self) -> dict[str, Any]:
         """Written with the trial's creation, in the same transaction (``ask_owned``)."""
@@ -370,6 +383,10 @@ class _TrialRunner:
         self.supervised.report(
             "start", trial=number, trial_id=trial._trial_id, started=guard.started
         )
+        self.log_offset = None
+        if self.artifact_dir is not None:
+            with contextlib.suppress(OSError):  # no log to measure: its tail is read instead
+                self.log_offset = self.log_path.stat().st_size
         self.log.info("Trial #%d started", number)
         guard.install()
         pending = self.supervised.begin(guard)
@@ -426,7 +443,13 @@ class _TrialRunner:
         self.supervised.end()
         # The kernel's exact peak of this process; the tree's, sampled by the supervisor.
         peak = max(peak_rss(), guard.peak_rss, self.supervised.tree_peak)
-        self._finish(trial, state, value, {"peak_rss_bytes": peak} if peak else {})
+        attrs: dict[str, Any] = {"peak_rss_bytes": peak} if peak else {}
+        if state == TrialState.PRUNED:  # the two look alike in optuna-dashboard otherwise
+            attrs["pruned_by"] = "guard" if violation is not None else "pruner"
+        evidence = None
+        if self.artifact_dir is not None and (violation is not None or self.opts.artifacts_all):
+            evidence = [(duration, peak)] if peak else []  # the timeline, if none was spooled
+        self._finish(trial, state, value, attrs, evidence)
         self.log.info(
             "Trial #%d finished: state=%s value=%s duration=%.2fs",
             number,
@@ -525,6 +548,29 @@ class _TrialRunner:
             "; ".join(f"{','.join(pids)}: {reason}" for reason, pids in why.items()),
         )
 
+    def _attach_evidence(
+        self, trial: optuna.trial.Trial, fallback: list[tuple[float, int]]
+    ) -> None:
+        """The trial's memory timeline (as the supervisor spooled it; else ``fallback``, the
+        peak at the end) and its log lines, as artifacts of the trial (``optguard.evidence``).
+        """
+        from optguard.evidence import attach_evidence, trial_log_lines
+
+        spool = spool_path(self.log_path)
+        points = read_spool(spool, trial._trial_id)
+        if fallback and (not points or points[-1][0] < fallback[-1][0]):
+            points = points + fallback
+        lines = trial_log_lines(self.log_path, trial.number, self.log_offset)
+        if self.store is None:
+            try:
+                self.store = open_store(self.artifact_dir)  # type: ignore[arg-type]
+            except OSError as exc:  # the evidence is lost, not the trial
+                self.log.warning("Artifact store %s: %s", self.artifact_dir, exc)
+                return
+        attach_evidence(
+            self.store, None, trial, points, self.opts.limits, lines, self.log
+        )
+
     def set_attrs(
         self, trial: optuna.trial.Trial, attrs: dict[str, Any], closing: bool = False
     ) -> None:
@@ -542,8 +588,10 @@ class _TrialRunner:
         state: TrialState,
         value: float | list[float] | None,
         attrs: dict[str, Any],
+        evidence: list[tuple[float, int]] | None = None,
     ) -> None:
-        """Clean up, record the final memory, then tell: a finished trial is read-only."""
+        """Clean up, record the final memory, attach the ``evidence`` (when not ``None``: see
+        ``_attach_evidence``), then tell: a finished trial is read-only."""
         report = release_memory()
         self.last_final_rss = report.rss_after
         in_mb = {
@@ -562,6 +610,8 @@ class _TrialRunner:
             report.seconds * 1000,
             report.collected,
         )
+        if evidence is not None:
+            self._attach_evidence(trial, evidence)
         try:
             _tell(self.study, trial, value if state == TrialState.COMPLETE else None, state)
         except (UpdateFinishedTrialError, ValueError) as exc:
@@ -711,7 +761,7 @@ def run_worker(opts: RunOptions, index: int = 0) -> int:
     # Everything loaded so far (optuna, the objective's modules and data) lives as long as the
     # worker: freezing it keeps the post-trial gc passes from rescanning it after every trial.
     gc.freeze()
-    runner = _TrialRunner(study, slots.storage, objective, opts, identity, log, supervised)
+    runner = _TrialRunner(study, slots.storage, objective, opts, identity, log, supervised, url)
     supervised.ready = True
     supervised.report("ready")
     ran = 0

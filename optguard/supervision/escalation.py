@@ -15,10 +15,11 @@ memory ceiling the tree is killed at once, checkpoints or not.
 from __future__ import annotations
 
 import enum
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from optguard.guard import REASON_MEMORY, REASON_TIMEOUT, Violation
 from optguard.limits import Escalation, Limits
+from optguard.timeline import Timeline
 
 __all__ = ["REASON_CANCELLED", "STOP_GRACE_S", "Step", "Watched", "decide", "decide_cancel"]
 
@@ -47,6 +48,8 @@ class Watched:
     violation_at: float = 0.0
     interrupted_at: float | None = None
     acked: bool = False  # the worker said it acted on the interrupt
+    timeline: Timeline = field(default_factory=Timeline)  # with --artifacts: evidence
+    spooled_at: float = 0.0
 
 
 def _kill_due(

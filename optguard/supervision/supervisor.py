@@ -33,6 +33,7 @@ from typing import Any
 import psutil
 
 from optguard import channel, proctree
+from optguard.artifacts import artifact_dir, open_store
 from optguard.config import RunOptions
 from optguard.control import read_request, set_request
 from optguard.early_stopping import patience_error, study_plateaued
@@ -70,6 +71,7 @@ from optguard.supervision.orphans import ORPHAN_GRACE_S, Orphans
 from optguard.supervision.outcome import Ended, fail_fast_error, incomplete_error
 from optguard.supervision.workers import Worker, spawn_worker
 from optguard.termination import TERMINATED_ATTR, TerminatorWatch, terminate_error
+from optguard.timeline import SPOOL_EVERY_S, spool_path, write_spool
 from optguard.worker import ATTR_PREFIX, REASON_INTERRUPTED, START_FAILURE
 
 __all__ = ["RunResult", "run_study"]
@@ -232,6 +234,7 @@ class _Supervisor:
         self.keeper: Any = None
         self.kept: dict[int, bytes] = {}  # pids told to the keeper, with their start times
         self.terminator: TerminatorWatch | None = None  # --terminate, once the study is open
+        self.evidence_dir: Path | None = None  # the artifact store, once the study is open
 
     # -- workers ---------------------------------------------------------------------------
     def spawn(self, index: int) -> None:
@@ -345,6 +348,11 @@ class _Supervisor:
         if trial is None or worker.kill is not None:
             return
         memory = self.measure(worker)
+        elapsed = now - trial.started
+        if self.evidence_dir is not None:
+            trial.timeline.add(elapsed, memory)
+            if now - max(trial.started, trial.spooled_at) >= SPOOL_EVERY_S:
+                self.spool(worker, trial, now)
         if memory > trial.peak:
             trial.peak = memory
             if memory > trial.peak_sent * 1.02:
@@ -352,7 +360,6 @@ class _Supervisor:
                 channel.send(
                     worker.control_fd, {"cmd": "peak", "trial": trial.number, "bytes": memory}
                 )
-        elapsed = now - trial.started
         if self.cancelling:
             step = decide_cancel(trial, memory, elapsed, now, self.esc, worker.checkpoint_until)
         else:
@@ -362,10 +369,20 @@ class _Supervisor:
         if step is not None:
             self.act(worker, step[0], step[1], now)
 
+    def spool(self, worker: Worker, trial: Watched, now: float) -> None:
+        """The trial's timeline, for the worker to attach when it ends (``optguard.timeline``)."""
+        trial.spooled_at = now
+        try:
+            write_spool(spool_path(worker.log_path), trial.trial_id, trial.timeline.snapshot())
+        except OSError:
+            pass  # a full disk: the evidence loses its timeline, the run goes on
+
     def act(self, worker: Worker, step: Step, violation: Violation, now: float) -> None:
         trial = worker.trial
         if trial is None:
             return
+        if self.evidence_dir is not None:
+            self.spool(worker, trial, now)  # the sample that crossed the limit included
         if step is Step.SOFT:
             trial.violation, trial.violation_at = violation, now
             note = "cancel: " if violation.reason == REASON_CANCELLED else ""
@@ -493,14 +510,18 @@ class _Supervisor:
 
     # -- exits -------------------------------------------------------------------------------
     def mark_trial(
-        self, worker: Worker, trial_id: int | None, state: Any, attrs: dict[str, Any]
+        self,
+        worker: Worker,
+        watched: Watched | None,
+        state: Any,
+        attrs: dict[str, Any],
     ) -> list[int]:
-        """Finish the trial a dead worker left RUNNING: the one it reported, else any trial
-        RUNNING under its name (it died before reporting the start)."""
-        return self.outage.poll(lambda: self._mark(worker, trial_id, state, attrs), [])
+        """Finish the trial a dead worker left RUNNING: the one it reported (``watched``),
+        else any trial RUNNING under its name (it died before reporting the start)."""
+        return self.outage.poll(lambda: self._mark(worker, watched, state, attrs), [])
 
     def _mark(
-        self, worker: Worker, trial_id: int | None, state: Any, attrs: dict[str, Any]
+        self, worker: Worker, watched: Watched | None, state: Any, attrs: dict[str, Any]
     ) -> list[int]:
         """``mark_trial``'s writes. Skipped while the storage is down, so the loop goes on
         enforcing limits: the dead owner's trial is then reaped once it is back."""
@@ -509,6 +530,7 @@ class _Supervisor:
 
         from optguard.storage import set_trial_user_attrs
 
+        trial_id = watched.trial_id if watched is not None else None
         if trial_id is not None:
             candidates = [self.storage.get_trial(trial_id)]
         else:
@@ -522,6 +544,7 @@ class _Supervisor:
             if trial.user_attrs.get(ATTR_PREFIX + "worker") != worker.tag:
                 continue
             try:
+                self.attach_evidence(worker, watched, trial, state, attrs)
                 set_trial_user_attrs(
                     self.storage, trial._trial_id, {ATTR_PREFIX + k: v for k, v in attrs.items()}
                 )
@@ -530,6 +553,29 @@ class _Supervisor:
                 continue  # the worker told it just before it died
             marked.append(trial.number)
         return marked
+
+    def attach_evidence(
+        self, worker: Worker, watched: Watched | None, trial: Any, state: Any, attrs: dict[str, Any]
+    ) -> None:
+        """The timeline and log lines of a trial this supervisor finishes, before it does
+        (``optguard.evidence``): every such trial was ended by the guard or lost a worker."""
+        if self.evidence_dir is None:
+            return
+        from optguard.evidence import attach_evidence, trial_log_lines
+
+        points = watched.timeline.snapshot() if watched is not None else []
+        why = attrs.get("error") or attrs.get("reason", "")
+        lines = trial_log_lines(worker.log_path, trial.number) + [
+            f"(supervisor) trial={trial.number} marked {state.name}: {why}"
+        ]
+        try:
+            store = open_store(self.evidence_dir)
+        except OSError as exc:  # the evidence is lost, not the trial's state
+            _log.warning("artifact store %s: %s", self.evidence_dir, exc)
+            return
+        attach_evidence(
+            store, self.storage, trial, points, self.opts.limits, lines, _log
+        )
 
     def reap_worker(self, worker: Worker) -> int | None:
         """The worker's exit code once it exited (reaped here), with what ``/proc`` still
@@ -575,9 +621,8 @@ class _Supervisor:
             reason = "interrupted" if stopping else "worker_died"
             during = f" during trial #{trial.number}" if trial is not None else ""
             detail = f"worker {worker.tag} {'ended' if stopping else 'died'}{during}: {how}"
-            trial_id = trial.trial_id if trial is not None else None
             for number in self.mark_trial(
-                worker, trial_id, TrialState.FAIL, {"reason": reason, "error": detail}
+                worker, trial, TrialState.FAIL, {"reason": reason, "error": detail}
             ):
                 line = f"Trial #{number} failed: {reason} ({detail})"
                 self._log(worker, logging.ERROR, number, line)
@@ -615,11 +660,11 @@ class _Supervisor:
             **violation.limit_in_unit(),
             "enforcement": "hard_kill",
             "hard_kill": True,
+            "pruned_by": "guard",
             "peak_rss_bytes": peak,
             "peak_mb": round(peak / 1e6, 1),
         }
-        trial_id = trial.trial_id if trial is not None else None
-        marked = self.mark_trial(worker, trial_id, TrialState.PRUNED, attrs)
+        marked = self.mark_trial(worker, trial, TrialState.PRUNED, attrs)
         if marked:
             self.hard_kills += 1  # else the worker recorded it, and said so in its "end"
         line = replace(violation, enforcement="hard_kill").log_line()
@@ -776,6 +821,7 @@ class _Supervisor:
         )
         # Workers get the study's directions: repeated to them, never a different default.
         self.opts = replace(self.opts, directions=directions)
+        self.evidence_dir = artifact_dir(self.url, self.opts.artifacts)
         # The loop's own storage calls: skipped during an outage (limits are still enforced),
         # StorageError once it has lasted --storage-outage.
         self.outage = outage_of(self.storage)

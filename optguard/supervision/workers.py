@@ -110,6 +110,9 @@ def worker_argv(opts: RunOptions, index: int) -> list[str]:
         "--log-dir", str(opts.log_dir),
         "--checkpoint-dir", str(opts.checkpoint_dir),
         "--checkpoint-budget", repr(opts.checkpoint_budget_s),
+        "--checkpoint-store", opts.checkpoint_store,
+        *(("--artifacts", opts.artifacts) if opts.artifacts is not None else ()),
+        *(("--artifacts-all",) if opts.artifacts_all else ()),
         "--storage-outage", repr(opts.storage_outage_s),
     ]  # fmt: skip
     optional = {
