@@ -3,6 +3,8 @@
 ``optguard.checkpoints(trial)`` is rooted at ``<root>/<study>/trial-<N>/`` where N is the
 *original* trial number: a retry (``optguard.retry_of``) of an interrupted or guard-killed
 trial gets the same directory and resumes from its last checkpoint instead of starting over.
+With ``--checkpoint-store artifacts`` that directory is a cache of the artifact store
+(``optguard.checkpoint_store``), which a retry on another host resumes from.
 
 The module is named ``checkpointing`` so that importing it never shadows the
 ``optguard.checkpoints`` function on the package.
@@ -27,11 +29,14 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import IO, TYPE_CHECKING, Any, Callable, Iterable
 
+from optguard.artifacts import CHECKPOINT_STORE_ENV, CHECKPOINT_STORES
 from optguard.errors import CheckpointError, UsageError
 from optguard.logs import safe_name
 
 if TYPE_CHECKING:
     import optuna
+
+    from optguard.checkpoint_store import ArtifactCheckpoints, Remote
 
 __all__ = [
     "CheckpointManager",
@@ -84,14 +89,30 @@ def checkpoints(
     trial: "optuna.trial.Trial",
     keep: int | None = DEFAULT_KEEP,
     root: str | os.PathLike[str] | None = None,
+    store: str | None = None,
+    artifact_dir: str | os.PathLike[str] | None = None,
 ) -> "CheckpointManager":
-    """The checkpoint manager of ``trial``: ``<root>/<study>/trial-<original number>/``."""
+    """The checkpoint manager of ``trial``: ``<root>/<study>/trial-<original number>/``.
+
+    ``store`` (the worker's ``--checkpoint-store``, ``$OPTGUARD_CHECKPOINT_STORE``, when None):
+    ``local``, or ``artifacts`` to upload every save to the artifact store at ``artifact_dir``
+    (the worker's ``--artifacts`` when None) so that a retry on any host resumes."""
     study = getattr(getattr(trial, "study", None), "study_name", None)
     if not isinstance(study, str):
         raise UsageError("optguard.checkpoints() needs the optuna Trial of a study")
+    store = store or os.environ.get(CHECKPOINT_STORE_ENV) or "local"
+    if store not in CHECKPOINT_STORES:
+        raise UsageError(
+            f"checkpoint store must be one of {', '.join(CHECKPOINT_STORES)}, got {store!r}"
+        )
     number = original_number(trial.number, trial.user_attrs)
     directory = study_dir(checkpoint_root(root), study) / f"trial-{number}"
-    return CheckpointManager(directory, keep=keep)
+    remote = None
+    if store == "artifacts":
+        from optguard.checkpoint_store import remote_of_trial
+
+        remote = remote_of_trial(trial, number, artifact_dir)
+    return CheckpointManager(directory, keep=keep, remote=remote)
 
 
 def _torch_types() -> tuple[type, ...]:
@@ -160,17 +181,28 @@ class CheckpointManager:
 
     Every save is atomic (temp file in the same directory, fsync, rename, fsync of the
     directory), so a process killed mid-save leaves the previous checkpoint readable.
+
+    With ``remote`` (``--checkpoint-store artifacts``) every save is also uploaded to the
+    artifact store, and the steps there count as well as those in the directory, which is then
+    a cache: a checkpoint only the store has is downloaded into it when read.
     """
 
-    def __init__(self, directory: str | os.PathLike[str], keep: int | None = DEFAULT_KEEP) -> None:
+    def __init__(
+        self,
+        directory: str | os.PathLike[str],
+        keep: int | None = DEFAULT_KEEP,
+        remote: "ArtifactCheckpoints | None" = None,
+    ) -> None:
         if keep is not None and (isinstance(keep, bool) or not isinstance(keep, int) or keep < 1):
             raise UsageError(f"checkpoints: keep must be a whole number >= 1 or None, got {keep!r}")
         self.directory = Path(directory)
         self.keep = keep
+        self.remote = remote
         self._lock = threading.Lock()  # the objective and an emergency callback may both save
 
     def __repr__(self) -> str:
-        return f"CheckpointManager({str(self.directory)!r}, keep={self.keep})"
+        store = "" if self.remote is None else f", remote={self.remote!r}"
+        return f"CheckpointManager({str(self.directory)!r}, keep={self.keep}{store})"
 
     # -- reading -----------------------------------------------------------------------------
     def _files(self) -> dict[int, Path]:
@@ -197,15 +229,43 @@ class CheckpointManager:
                 found[step] = (mtime, Path(entry.path))
         return {step: found[step][1] for step in sorted(found)}
 
+    def _remote_live(self) -> dict[int, list["Remote"]]:
+        return {} if self.remote is None else self.remote.live()
+
     def steps(self) -> list[int]:
-        """Steps that have a checkpoint, oldest first."""
-        return list(self._files())
+        """Steps that have a checkpoint (in the directory or the artifact store), oldest first."""
+        return sorted(self._files().keys() | self._remote_live().keys())
 
     def path(self, step: int) -> Path | None:
-        return self._files().get(step)
+        """The file of ``step`` in the directory, downloaded first if only the store has it."""
+        path = self._files().get(step)
+        return path if path is not None else self._download(step, self._remote_live())
+
+    def _download(self, step: int, live: dict[int, list["Remote"]]) -> Path | None:
+        """Copy the newest stored copy of ``step`` into the directory, atomically; None if the
+        store no longer has one (removed since it was listed)."""
+        if self.remote is None:
+            return None
+        for remote in live.get(step, []):
+            reader = self.remote.open(remote)
+            if reader is None:
+                continue
+            name = f"step-{step:09d}.{remote.suffix}"
+            with self._lock, reader:
+                try:
+                    self.directory.mkdir(parents=True, exist_ok=True)
+                    _atomic_write(self.directory, name, lambda fh: shutil.copyfileobj(reader, fh))
+                except OSError as exc:
+                    raise CheckpointError(
+                        f"cannot download checkpoint of step {step} into {self.directory}: "
+                        f"{exc.strerror or exc}"
+                    ) from None
+            return self.directory / name
+        return None
 
     def load(self, step: int, map_location: Any = None) -> Any:
-        """The object saved at ``step``; ``CheckpointError`` if there is none or it is unreadable."""
+        """The object saved at ``step``; ``CheckpointError`` if there is none or it is
+        unreadable."""
         path = self.path(step)
         if path is None:
             raise CheckpointError(f"no checkpoint of step {step} in {self.directory}")
@@ -213,11 +273,12 @@ class CheckpointManager:
 
     def latest(self, map_location: Any = None) -> tuple[int, Any] | None:
         """``(step, object)`` of the highest step saved, or None: where a trial resumes."""
-        files = self._files()
-        if not files:
-            return None
-        step = next(reversed(files))
-        return step, self._read(files[step], map_location)
+        files, live = self._files(), self._remote_live()
+        for step in sorted(files.keys() | live.keys(), reverse=True):
+            path = files.get(step) or self._download(step, live)
+            if path is not None:
+                return step, self._read(path, map_location)
+        return None  # (a stored step whose file went meanwhile: the next lower one)
 
     def _read(self, path: Path, map_location: Any) -> Any:
         try:
@@ -256,17 +317,29 @@ class CheckpointManager:
                     f"cannot save checkpoint of step {step} in {self.directory}: "
                     f"{exc.strerror or exc}"
                 ) from None
-            self._tidy(step, name)
+            uploaded, failed = None, None
+            if self.remote is not None:
+                try:
+                    uploaded = self.remote.upload(self.directory / name, step)
+                except CheckpointError as exc:  # raised once the local side is tidy
+                    failed = exc
+            self._tidy(step, name, uploaded, failed is None)
+            if failed is not None:
+                raise failed
         return self.directory / name
 
-    def _tidy(self, step: int, name: str) -> None:
-        """After a save: the same step in the other format, the oldest beyond ``keep``, temp
-        files of dead processes; then the metadata. Failures here lose no checkpoint."""
+    def _tidy(self, step: int, name: str, uploaded: str | None, in_store: bool = True) -> None:
+        """After a save: the same step in the other format (or an older upload of it), the
+        oldest beyond ``keep`` (here and, ``in_store``, in the store), temp files of dead
+        processes; then the metadata. Failures here lose no checkpoint."""
         files = self._files()
+        live = self._remote_live() if in_store else {}
         stale = [p for p in self.directory.glob(f"step-{step:09d}.*") if p.name != name]
-        if self.keep is not None:  # the file just written, and the highest other steps
-            others = [p for p in files.values() if p.name != name]
-            stale += others[: max(0, len(others) - (self.keep - 1))]
+        kept = set(files) | set(live)
+        if self.keep is not None:  # the step just saved, and the highest other steps
+            others = sorted(kept - {step})
+            kept = {step, *others[max(0, len(others) - (self.keep - 1)) :]}
+        stale += [path for s, path in files.items() if s not in kept]
         stale += self._dead_temp_files()
         for path in stale:
             with contextlib.suppress(FileNotFoundError):
@@ -278,6 +351,13 @@ class CheckpointManager:
                 f"saved step {step} but cannot write {self.directory / METADATA}: "
                 f"{exc.strerror or exc}"
             ) from None
+        if self.remote is not None and in_store:
+            self.remote.remove(
+                remote
+                for s, copies in live.items()
+                for remote in copies
+                if s not in kept or (s == step and remote.artifact_id != uploaded)
+            )
 
     def _dead_temp_files(self) -> list[Path]:
         """Temp files a process of this host left when it was killed mid-save."""
