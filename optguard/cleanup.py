@@ -10,6 +10,7 @@ import time
 from dataclasses import dataclass
 from typing import Callable
 
+from optguard.gpus import own_gpu_memory
 from optguard.memory import current_rss
 
 __all__ = ["CleanupReport", "release_memory"]
@@ -26,6 +27,7 @@ class CleanupReport:
     cuda_emptied: bool
     malloc_trimmed: bool
     seconds: float
+    gpu_after: int | None = None  # this process's GPU memory, when it used CUDA
 
     @property
     def freed_bytes(self) -> int:
@@ -88,4 +90,6 @@ def release_memory() -> CleanupReport:
         cuda_emptied=cuda,
         malloc_trimmed=trimmed,
         seconds=time.perf_counter() - start,
+        # NVML only if the guard already started it (--max-vram): no cost for the others
+        gpu_after=own_gpu_memory(with_nvml=False),
     )

@@ -132,6 +132,10 @@ KeepPoolsOpt = typer.Option(
     "worker still holds (joblib n_jobs, multiprocessing.Pool, persistent DataLoader) for the "
     "next trials; --no-keep-pools ends every process a trial started and left running. [keep]",
 )
+MaxVramOpt = typer.Option(
+    None, "--max-vram", help="Per-trial GPU memory of the worker's processes (NVML; torch's "
+    "counters inside the worker without it): 8GB, or 90% of its GPUs' memory. [none]",
+)
 StorageOutageOpt = typer.Option(
     None, "--storage-outage", help="Ride out a storage outage this long (retries with "
     "backoff), then exit 3 with the driver's cause. [60s]",
@@ -260,7 +264,7 @@ def run(
     ),
     retry_pruned: Optional[str] = typer.Option(
         None, "--retry-pruned", help="Enqueue once the params of trials optguard ended for "
-        "these reasons: timeout,memory,system_memory,worker_died.",
+        "these reasons: timeout,memory,system_memory,worker_died,gpu_memory.",
     ),
     checkpoint_dir: Optional[Path] = CheckpointDirOpt,
     checkpoint_budget: Optional[str] = CheckpointBudgetOpt,
@@ -285,6 +289,15 @@ def run(
         "--threads-per-worker cores (a replacement gets the same ones). [off]",
     ),
     keep_pools: Optional[bool] = KeepPoolsOpt,
+    gpus: Optional[str] = typer.Option(
+        None, "--gpus", help="GPUs to share out among the workers, as CUDA_VISIBLE_DEVICES: "
+        "0,1,2,3 or all (--workers then defaults to the number of groups). [none]",
+    ),
+    gpus_per_worker: Optional[int] = typer.Option(
+        None, "--gpus-per-worker", help="GPUs in each worker's group; a replacement gets the "
+        "group of the worker it replaces. [1]",
+    ),
+    max_vram: Optional[str] = MaxVramOpt,
 ) -> None:
     """Run a guarded study with N worker processes on one shared storage."""
     opts = _options(
@@ -300,9 +313,11 @@ def run(
         checkpoint_store=checkpoint_store, artifacts=artifacts, artifacts_all=artifacts_all,
         start_timeout=start_timeout, fail_fast=fail_fast, storage_outage=storage_outage,
         threads_per_worker=threads_per_worker, cpu_affinity=cpu_affinity, keep_pools=keep_pools,
+        gpus=gpus, gpus_per_worker=gpus_per_worker, max_vram=max_vram,
     )  # fmt: skip
     import os
 
+    from optguard.gpus import describe_groups, run_groups
     from optguard.storage import mask_url, resolve_url
     from optguard.supervision import run_study
     from optguard.threads import plan_threads, run_cpus
@@ -310,9 +325,11 @@ def run(
     threads = plan_threads(
         opts.threads_per_worker, opts.workers, opts.cpu_affinity, os.environ, run_cpus()
     )
+    groups = run_groups(opts.gpus, opts.gpus_per_worker)
+    gpu_text = f"{describe_groups(groups, opts.workers)}, " if groups else ""
     print(
         f"optguard: study {opts.study!r} on {mask_url(resolve_url(opts.storage))}, "
-        f"{opts.workers} worker(s), {threads.describe()}, logs in {opts.log_dir}/",
+        f"{opts.workers} worker(s), {threads.describe()}, {gpu_text}logs in {opts.log_dir}/",
         flush=True,
     )
     renderer = _Renderer(opts.n_trials, opts.study)
@@ -384,6 +401,7 @@ def worker(
     artifacts_all: Optional[bool] = ArtifactsAllOpt,
     storage_outage: Optional[str] = StorageOutageOpt,
     keep_pools: Optional[bool] = KeepPoolsOpt,
+    max_vram: Optional[str] = MaxVramOpt,
 ) -> None:
     """Run one worker in this process (what `run` starts N times; start more on other hosts)."""
     opts = _options(
@@ -393,7 +411,7 @@ def worker(
         max_trials_per_worker=max_trials_per_worker, recycle_rss=recycle_rss, tag=tag, checkpoint_dir=checkpoint_dir,
         checkpoint_budget=checkpoint_budget, storage_outage=storage_outage,
         keep_pools=keep_pools, checkpoint_store=checkpoint_store, artifacts=artifacts,
-        artifacts_all=artifacts_all,
+        artifacts_all=artifacts_all, max_vram=max_vram,
     )  # fmt: skip
     from optguard.worker import run_worker
 

@@ -12,6 +12,7 @@ from optguard.artifacts import CHECKPOINT_STORES
 from optguard.checkpointing import DEFAULT_ROOT as DEFAULT_CHECKPOINT_DIR
 from optguard.early_stopping import patience_error
 from optguard.errors import ConfigError, UsageError
+from optguard.gpus import group_devices, parse_vram, resolve_gpus
 from optguard.limits import (
     DEFAULT_MAX_RSS,
     DEFAULT_TIMEOUT_S,
@@ -66,8 +67,11 @@ CONFIG_KEYS: dict[str, tuple[type, ...]] = {
     "cpu_affinity": (bool,),
     "keep_pools": (bool,),
     "seed": (int,),
+    "gpus": (str, list, int),
+    "gpus_per_worker": (int,),
+    "max_vram": (str, int),
 }
-RETRY_REASONS = ("timeout", "memory", "system_memory", "worker_died")
+RETRY_REASONS = ("timeout", "memory", "system_memory", "worker_died", "gpu_memory")
 DIRECTION_KEYS = ("direction", "directions")
 
 
@@ -108,6 +112,8 @@ class RunOptions:
     cpu_affinity: bool = False  # pin each worker to its own threads_per_worker cores
     keep_pools: bool = True  # idle pool workers a trial leaves survive it (optguard.leftovers)
     seed: int | None = None  # each worker's sampler gets study.worker_seed(seed, ...)
+    gpus: tuple[str, ...] = ()  # --gpus: CUDA_VISIBLE_DEVICES entries shared out (gpus.py)
+    gpus_per_worker: int = 1
 
     def with_storage(self, url: str) -> "RunOptions":
         return replace(self, storage=url)
@@ -186,10 +192,17 @@ def resolve_options(flags: Mapping[str, Any], config: Path | None = None) -> Run
 
     timeout = merged.get("timeout")
     max_rss = merged.get("max_rss")
+    max_vram = merged.get("max_vram")
+    vram_bytes, vram_percent = (None, None) if max_vram is None else parse_vram(
+        max_vram, name("max_vram")
+    )
     limits = Limits(
         timeout_s=DEFAULT_TIMEOUT_S if timeout is None else parse_duration(timeout, name("timeout")),
         max_rss_bytes=DEFAULT_MAX_RSS if max_rss is None else parse_size(max_rss, name("max_rss")),
+        max_vram_bytes=vram_bytes,
+        max_vram_percent=vram_percent,
     )
+    gpu_devices, per_worker, workers = _gpus(merged, name)
     def parsed(key: str, parse: Any, default: Any) -> Any:
         value = merged.get(key)
         return default if value is None else parse(value, name(key))
@@ -236,7 +249,7 @@ def resolve_options(flags: Mapping[str, Any], config: Path | None = None) -> Run
         study=merged["study"],
         objective=merged["objective"],
         storage=merged.get("storage"),
-        workers=merged.get("workers", defaults.workers),
+        workers=workers,
         n_trials=merged.get("n_trials"),
         limits=limits,
         directions=directions,
@@ -266,7 +279,24 @@ def resolve_options(flags: Mapping[str, Any], config: Path | None = None) -> Run
         cpu_affinity=bool(merged.get("cpu_affinity", defaults.cpu_affinity)),
         keep_pools=bool(merged.get("keep_pools", defaults.keep_pools)),
         seed=seed,
+        gpus=gpu_devices,
+        gpus_per_worker=per_worker,
     )
+
+
+def _gpus(merged: Mapping[str, Any], name: Any) -> tuple[tuple[str, ...], int, int]:
+    """``(devices, per worker, workers)``: ``--workers`` defaults to the number of GPU groups
+    when ``--gpus`` is given. NVML is asked only then (a GPU index not there: exit 2)."""
+    workers = merged.get("workers", RunOptions.workers)
+    per_worker = merged.get("gpus_per_worker")
+    if merged.get("gpus") is None:
+        if per_worker is not None:
+            raise UsageError(f"{name('gpus_per_worker')} needs {name('gpus')}")
+        return (), 1, workers
+    devices = resolve_gpus(merged["gpus"], name("gpus"))
+    groups = group_devices(devices, 1 if per_worker is None else per_worker,
+                           name("gpus_per_worker"))  # fmt: skip
+    return devices, len(groups[0]), merged.get("workers", len(groups))
 
 
 def _directions(merged: Mapping[str, Any], name: Any) -> tuple[str, ...]:

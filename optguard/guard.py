@@ -13,7 +13,8 @@ from typing import Any, Iterable, Iterator, TypeVar
 
 import optuna
 
-from optguard.limits import Limits, format_against
+from optguard import gpus
+from optguard.limits import Limits, format_against, format_gb
 from optguard.memory import current_rss
 
 __all__ = ["GuardPruned", "TrialGuard", "Violation", "check", "splits"]
@@ -24,6 +25,8 @@ REASON_TIMEOUT = "timeout"
 REASON_MEMORY = "memory"
 REASON_SYSTEM_MEMORY = "system_memory"
 MEMORY_REASONS = (REASON_MEMORY, REASON_SYSTEM_MEMORY)
+REASON_GPU_MEMORY = gpus.REASON_GPU_MEMORY  # rss_bytes then holds the trial's GPU memory
+ENFORCEMENT_OOM = "oom"  # the objective raised an out-of-memory error (MemoryError, CUDA's)
 
 
 @dataclass(frozen=True)
@@ -44,6 +47,8 @@ class Violation:
             return {"limit_s": self.limit}
         if self.reason in MEMORY_REASONS:
             return {"limit_bytes": self.limit}
+        if self.reason == REASON_GPU_MEMORY:  # and what was measured, under its own name
+            return {"limit_bytes": self.limit, "vram_bytes": self.rss_bytes}
         return {}
 
     def _pair(self) -> tuple[str, str]:
@@ -58,8 +63,13 @@ class Violation:
         12.1GB``."""
         if self.reason == REASON_TIMEOUT:
             return f"Trial timeout: {self._pair()[0]}"
+        if self.enforcement == ENFORCEMENT_OOM:
+            scope = "GPU memory" if self.reason == REASON_GPU_MEMORY else "Memory"
+            return f"{scope} exhausted: the objective ran out of memory"
         if self.reason in MEMORY_REASONS:
             return f"Memory limit exceeded: {self._pair()[0]}"
+        if self.reason == REASON_GPU_MEMORY:
+            return f"GPU memory limit exceeded: {self._pair()[0]}"
         return f"Trial stopped: {self.reason}"
 
     @property
@@ -68,7 +78,12 @@ class Violation:
         and precision of the phrase's value."""
         if self.reason == REASON_TIMEOUT:
             return f"limit {self._pair()[1]}"
-        if self.reason in MEMORY_REASONS:
+        if self.enforcement == ENFORCEMENT_OOM:
+            what = "GPU memory" if self.reason == REASON_GPU_MEMORY else "memory"
+            if self.limit > 0:  # and the limit it was under
+                return f"{what} {' against limit '.join(self._pair())}"
+            return f"{what} {format_gb(self.rss_bytes, 2)}"
+        if self.reason in MEMORY_REASONS or self.reason == REASON_GPU_MEMORY:
             scope = "system RAM" if self.reason == REASON_SYSTEM_MEMORY else "limit"
             return f"{scope} {self._pair()[1]}"
         return f"elapsed {self.elapsed_s:.1f}s"
@@ -94,6 +109,8 @@ class TrialGuard:
         self.limits = limits
         self.started = time.monotonic()
         self.peak_rss = 0
+        self.peak_vram = 0
+        self._vram_limit: int | None = limits.max_vram_bytes  # a percent: once GPUs are known
         self._stop: Violation | None = None
 
     def elapsed(self) -> float:
@@ -132,6 +149,25 @@ class TrialGuard:
                 raise GuardPruned(
                     Violation(self.number, REASON_MEMORY, elapsed, rss, float(limits.max_rss_bytes))
                 )
+        if limits.vram_limited:
+            self._check_vram(elapsed)
+
+    def _check_vram(self, elapsed: float) -> None:
+        """``--max-vram`` on this process's GPU memory (NVML, else torch's counters); unknown
+        (no NVML, CUDA unused) passes. The supervisor watches the whole tree."""
+        vram = gpus.own_gpu_memory()
+        if vram is None:
+            return
+        self.peak_vram = max(self.peak_vram, vram)
+        limit = self._vram_limit
+        if limit is None and self.limits.max_vram_percent is not None:
+            limit = self._vram_limit = gpus.percent_of(
+                self.limits.max_vram_percent, gpus.visible_totals()
+            )
+        if limit is not None and vram > limit:
+            raise GuardPruned(
+                Violation(self.number, REASON_GPU_MEMORY, elapsed, vram, float(limit))
+            )
 
     def install(self) -> None:
         """Wrap the trial's ``report`` and ``should_prune`` so each checks the limits first,

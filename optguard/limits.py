@@ -175,6 +175,14 @@ class Limits:
 
     timeout_s: float | None = DEFAULT_TIMEOUT_S
     max_rss_bytes: int | None = DEFAULT_MAX_RSS
+    # --max-vram: GPU memory of the trial, in bytes or (until the GPUs are known) a percent
+    # of the total memory of the worker's GPUs (optguard.gpus).
+    max_vram_bytes: int | None = None
+    max_vram_percent: float | None = None
+
+    @property
+    def vram_limited(self) -> bool:
+        return self.max_vram_bytes is not None or self.max_vram_percent is not None
 
 
 @dataclass(frozen=True)

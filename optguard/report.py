@@ -22,7 +22,7 @@ __all__ = ["build_report", "write_plot", "LIMITS_ATTR"]
 
 A = "optguard."
 LIMITS_ATTR = "optguard.limits"  # on the study: the limits of the last `optguard run`
-GUARD_REASONS = ("timeout", "memory", "system_memory")
+GUARD_REASONS = ("timeout", "memory", "system_memory", "gpu_memory")
 # A worker's final memory (after the post-trial cleanup) leaks when it grew by at least
 # LEAK_MIN_MB from its first trial to its last, and either by LEAK_MIN_FRACTION of the first
 # (a step: 369 -> 1620 MB at once) or steadily (> LEAK_MB_PER_TRIAL, rising at 70% of 5+ steps,

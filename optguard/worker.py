@@ -28,7 +28,7 @@ from optuna.exceptions import UpdateFinishedTrialError
 from optuna.study._tell import _tell_with_warning
 from optuna.trial import TrialState
 
-from optguard import channel, leftovers, proctree
+from optguard import channel, gpus, leftovers, proctree
 from optguard import guard as guard_mod
 from optguard.artifacts import ARTIFACT_DIR_ENV, CHECKPOINT_STORE_ENV, artifact_dir, open_store
 from optguard.checkpointing import (
@@ -372,14 +372,26 @@ class _TrialRunner:
                 **({"hard_kill": True} if violation.enforcement == "hard_kill" else {}),
             },
         )
-        if violation.reason in guard_mod.MEMORY_REASONS:
+        if violation.reason in (*guard_mod.MEMORY_REASONS, guard_mod.REASON_GPU_MEMORY):
             release_memory()  # give the memory back before the pruned trial is told
+
+    def _oom(self, guard: TrialGuard, reason: str) -> Violation:
+        """The objective ran out of memory: what it held then, against the limit if any."""
+        limits = self.opts.limits
+        if reason == gpus.REASON_GPU_MEMORY:
+            used = max(gpus.own_gpu_memory() or 0, gpus.torch_reserved(peak=True) or 0)
+            limit = limits.max_vram_bytes or 0
+        else:
+            used, limit = current_rss(), limits.max_rss_bytes or 0
+        return replace(guard.stop_violation(reason, used, float(limit)),
+                       enforcement=guard_mod.ENFORCEMENT_OOM)  # fmt: skip
 
     def run(self, trial: optuna.trial.Trial) -> TrialState:
         number = trial.number
         set_trial(number)
         guard = TrialGuard(trial, self.opts.limits)
         reset_peak()
+        gpus.reset_torch_peak()
         self.supervised.report(
             "start", trial=number, trial_id=trial._trial_id, started=guard.started
         )
@@ -418,7 +430,12 @@ class _TrialRunner:
         except StorageError:
             raise  # refused, or down past --storage-outage: not the objective's bug
         except Exception as exc:  # the objective's own bug: the trial fails, the worker goes on
-            error = error_line(exc)
+            oom = gpus.oom_reason(exc)  # an out-of-memory error: recorded as the guard's own
+            if oom is not None:
+                state, violation = TrialState.PRUNED, self._oom(guard, oom)
+                trial.set_user_attr(ATTR_PREFIX + "error", error_line(exc))
+            else:
+                error = error_line(exc)
             for line in traceback.format_exc().rstrip().splitlines():
                 self.log.info("traceback| %s", line)
         else:
@@ -444,6 +461,11 @@ class _TrialRunner:
         # The kernel's exact peak of this process; the tree's, sampled by the supervisor.
         peak = max(peak_rss(), guard.peak_rss, self.supervised.tree_peak)
         attrs: dict[str, Any] = {"peak_rss_bytes": peak} if peak else {}
+        vram = max(guard.peak_vram, gpus.torch_reserved(peak=True) or 0)
+        if violation is not None and violation.reason == gpus.REASON_GPU_MEMORY:
+            vram = max(vram, violation.rss_bytes)  # the supervisor's figure for the tree
+        if vram:
+            attrs.update(peak_vram_bytes=vram, peak_vram_mb=round(vram / 1e6, 1))
         if state == TrialState.PRUNED:  # the two look alike in optuna-dashboard otherwise
             attrs["pruned_by"] = "guard" if violation is not None else "pruner"
         evidence = None
@@ -603,9 +625,10 @@ class _TrialRunner:
             trial, {**attrs, "final_rss_bytes": report.rss_after, **in_mb}, closing=True
         )
         self.log.info(
-            "Trial #%d final memory: %s (freed %.1fMB in %.1fms, gc collected %d objects)",
+            "Trial #%d final memory: %s%s (freed %.1fMB in %.1fms, gc collected %d objects)",
             trial.number,
             format_gb(report.rss_after, 2),
+            "" if report.gpu_after is None else f", GPU {format_gb(report.gpu_after, 2)}",
             report.freed_bytes / 1e6,
             report.seconds * 1000,
             report.collected,
@@ -733,7 +756,7 @@ def run_worker(opts: RunOptions, index: int = 0) -> int:
     url = resolve_url(opts.storage or piped)
     limits = opts.limits
     log.info(
-        "Worker started: study=%s storage=%s host=%s timeout=%ss max_rss=%s %s",
+        "Worker started: study=%s storage=%s host=%s timeout=%ss max_rss=%s %s%s",
         opts.study,
         mask_url(url),
         identity.host,
@@ -742,6 +765,7 @@ def run_worker(opts: RunOptions, index: int = 0) -> int:
             limits.max_rss_bytes, limits.max_rss_bytes, "size"
         )[1],
         worker_summary(os.environ, available_cpus()),
+        gpus.worker_summary(os.environ, limits),
     )
     try:
         check_sampler(opts.sampler)  # a worker started by hand or a scheduler: no preflight

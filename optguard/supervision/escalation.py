@@ -17,7 +17,7 @@ from __future__ import annotations
 import enum
 from dataclasses import dataclass, field
 
-from optguard.guard import REASON_MEMORY, REASON_TIMEOUT, Violation
+from optguard.guard import REASON_GPU_MEMORY, REASON_MEMORY, REASON_TIMEOUT, Violation
 from optguard.limits import Escalation, Limits
 from optguard.timeline import Timeline
 
@@ -44,6 +44,7 @@ class Watched:
     started: float  # the worker's time.monotonic() at the start: one clock per host
     peak: int = 0
     peak_sent: int = 0
+    vram_peak: int = 0  # GPU memory of the tree (NVML), with --max-vram
     violation: Violation | None = None
     violation_at: float = 0.0
     interrupted_at: float | None = None
@@ -72,12 +73,19 @@ def decide(
     limits: Limits,
     esc: Escalation,
     checkpoint_until: float = 0.0,
+    vram: int = 0,
 ) -> tuple[Step, Violation] | None:
-    """The next step for trial ``t`` whose tree uses ``memory`` bytes after ``elapsed`` s."""
-    limit = limits.max_rss_bytes
-    if limit is not None and memory > limit:
-        violation = Violation(t.number, REASON_MEMORY, elapsed, memory, float(limit))
-        if memory > limit * esc.memory_ceiling:
+    """The next step for trial ``t`` whose tree uses ``memory`` bytes of RAM and ``vram`` of
+    GPU memory after ``elapsed`` s. GPU memory is escalated as RAM is (``--memory-grace``,
+    ``--memory-ceiling``), against ``limits.max_vram_bytes``."""
+    for reason, used, limit in (
+        (REASON_MEMORY, memory, limits.max_rss_bytes),
+        (REASON_GPU_MEMORY, vram, limits.max_vram_bytes),
+    ):
+        if limit is None or used <= limit:
+            continue
+        violation = Violation(t.number, reason, elapsed, used, float(limit))
+        if used > limit * esc.memory_ceiling:
             return Step.KILL_NOW, violation
         if t.violation is None:
             return (Step.INTERRUPT if esc.memory_grace_s <= 0 else Step.SOFT), violation

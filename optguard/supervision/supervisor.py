@@ -32,7 +32,7 @@ from typing import Any
 
 import psutil
 
-from optguard import channel, proctree
+from optguard import channel, gpus, proctree
 from optguard.artifacts import artifact_dir, open_store
 from optguard.config import RunOptions
 from optguard.control import read_request, set_request
@@ -343,11 +343,23 @@ class _Supervisor:
         worker.memory = memory
         return memory
 
+    def measure_vram(self, worker: Worker, trial: Watched) -> int:
+        """GPU memory of the worker's tree, from NVML; 0 without ``--max-vram`` or NVML."""
+        if self.opts.limits.max_vram_bytes is None:
+            return 0
+        lib = gpus.nvml()
+        if lib is None:
+            return 0  # no outside enforcement: the worker's own checks (torch) remain
+        vram = lib.memory_of(worker.pids or [worker.proc.pid])
+        trial.vram_peak = max(trial.vram_peak, vram)
+        return vram
+
     def watch(self, worker: Worker, now: float) -> None:
         trial = worker.trial
         if trial is None or worker.kill is not None:
             return
         memory = self.measure(worker)
+        vram = self.measure_vram(worker, trial)
         elapsed = now - trial.started
         if self.evidence_dir is not None:
             trial.timeline.add(elapsed, memory)
@@ -364,7 +376,8 @@ class _Supervisor:
             step = decide_cancel(trial, memory, elapsed, now, self.esc, worker.checkpoint_until)
         else:
             step = decide(
-                trial, memory, elapsed, now, self.opts.limits, self.esc, worker.checkpoint_until
+                trial, memory, elapsed, now, self.opts.limits, self.esc, worker.checkpoint_until,
+                vram=vram,
             )
         if step is not None:
             self.act(worker, step[0], step[1], now)
@@ -393,7 +406,9 @@ class _Supervisor:
         elif step is Step.KILL_NOW:
             self._log(
                 worker, logging.WARNING, trial.number,
-                f"Trial #{trial.number}: memory {violation.rss_bytes / 1e6:.0f}MB is above the "
+                f"Trial #{trial.number}: "
+                f"{'GPU ' if violation.reason == gpus.REASON_GPU_MEMORY else ''}memory "
+                f"{violation.rss_bytes / 1e6:.0f}MB is above the "
                 f"ceiling {self.esc.memory_ceiling:g}x the limit "
                 f"{violation.limit / 1e6:.0f}MB: killing at once",
             )  # fmt: skip
@@ -651,7 +666,9 @@ class _Supervisor:
         violation = worker.kill
         if violation is None:
             return
-        peak = max(trial.peak if trial else 0, violation.rss_bytes)
+        gpu = violation.reason == gpus.REASON_GPU_MEMORY  # its rss_bytes is GPU memory
+        peak = max(trial.peak if trial else 0, 0 if gpu else violation.rss_bytes)
+        vram_peak = max(trial.vram_peak if trial else 0, violation.rss_bytes if gpu else 0)
         attrs = {
             "reason": violation.reason,
             "elapsed_s": round(violation.elapsed_s, 3),
@@ -663,6 +680,8 @@ class _Supervisor:
             "pruned_by": "guard",
             "peak_rss_bytes": peak,
             "peak_mb": round(peak / 1e6, 1),
+            **({"peak_vram_bytes": vram_peak, "peak_vram_mb": round(vram_peak / 1e6, 1)}
+               if vram_peak else {}),  # fmt: skip
         }
         marked = self.mark_trial(worker, trial, TrialState.PRUNED, attrs)
         if marked:
@@ -816,6 +835,8 @@ class _Supervisor:
     def run(self) -> RunResult:
         start = time.monotonic()
         check_run_inputs(self.opts)  # before the storage is touched: bad input changes nothing
+        groups = gpus.run_groups(self.opts.gpus, self.opts.gpus_per_worker)
+        self.opts = replace(self.opts, limits=gpus.resolve_vram_limit(self.opts.limits, groups))
         self.url, self.storage, self.study, self.study_id, recovery, directions = prepare_study(
             self.opts
         )

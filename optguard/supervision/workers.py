@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO
 
-from optguard import channel, proctree, threads
+from optguard import channel, gpus, proctree, threads
 from optguard.config import RunOptions
 from optguard.guard import Violation
 from optguard.logs import worker_log_path, worker_logger
@@ -127,6 +127,10 @@ def worker_argv(opts: RunOptions, index: int) -> list[str]:
         argv += ["--tag", opts.tag]
     if not opts.keep_pools:
         argv.append("--no-keep-pools")
+    if opts.limits.max_vram_percent is not None:  # NVML could not tell the GPUs' memory
+        argv += ["--max-vram", f"{opts.limits.max_vram_percent!r}%"]
+    elif opts.limits.max_vram_bytes is not None:
+        argv += ["--max-vram", repr(opts.limits.max_vram_bytes)]
     for flag, value in optional.items():
         if value is not None:
             argv += [flag, repr(value)]
@@ -160,6 +164,10 @@ def spawn_worker(
         opts.threads_per_worker, opts.workers, opts.cpu_affinity, os.environ, threads.run_cpus()
     )
     env.update(plan.export)
+    # CUDA reads CUDA_VISIBLE_DEVICES at its first call: the environment is early enough, and
+    # a replacement (same index) gets the GPUs of the worker it replaces.
+    groups = gpus.run_groups(opts.gpus, opts.gpus_per_worker)
+    env.update(gpus.gpu_env(gpus.assign_devices(groups, index), os.environ))
     env.update({
         channel.STORAGE_FD_ENV: str(url_r),
         channel.STATUS_FD_ENV: str(status_w),
