@@ -8,9 +8,10 @@ the evidence off.
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from optguard.urls import journal_path, sqlite_path
 
@@ -18,18 +19,21 @@ if TYPE_CHECKING:
     from optuna.artifacts import FileSystemArtifactStore
 
 __all__ = [
+    "ARTIFACTS_ATTR_PREFIX",
     "ARTIFACT_DIR_ENV",
     "CHECKPOINT_STORE_ENV",
     "CHECKPOINT_STORES",
     "DEFAULT_DIR_NAME",
     "artifact_dir",
     "open_store",
+    "record_artifact",
 ]
 
 ARTIFACT_DIR_ENV = "OPTGUARD_ARTIFACT_DIR"  # set in the worker: the store, for the objective
 CHECKPOINT_STORE_ENV = "OPTGUARD_CHECKPOINT_STORE"  # set in the worker from --checkpoint-store
 CHECKPOINT_STORES = ("local", "artifacts")
 DEFAULT_DIR_NAME = "optguard-artifacts"
+ARTIFACTS_ATTR_PREFIX = "artifacts:"  # the system attribute optuna.artifacts gives each one
 
 
 def artifact_dir(url: str, option: str | None) -> Path | None:
@@ -51,3 +55,16 @@ def open_store(directory: str | os.PathLike[str]) -> "FileSystemArtifactStore":
 
     Path(directory).mkdir(parents=True, exist_ok=True)
     return FileSystemArtifactStore(str(directory))
+
+
+def record_artifact(
+    storage: Any, trial_id: int, artifact_id: str, filename: str, mimetype: str
+) -> None:
+    """Record on a RUNNING trial an artifact already written to the store, as
+    ``optuna.artifacts.upload_artifact`` records one (``ArtifactMeta``'s fields, what
+    optuna-dashboard reads). That function records first and writes second; written first,
+    no record ever points at a missing or partial file."""
+    meta = {
+        "artifact_id": artifact_id, "filename": filename, "mimetype": mimetype, "encoding": None
+    }
+    storage.set_trial_system_attr(trial_id, ARTIFACTS_ATTR_PREFIX + artifact_id, json.dumps(meta))

@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, TYPE_CHECKING, Any, Iterable
 
+from optguard.artifacts import ARTIFACTS_ATTR_PREFIX, record_artifact
 from optguard.errors import CheckpointError, UsageError
 
 if TYPE_CHECKING:
@@ -27,7 +28,6 @@ if TYPE_CHECKING:
 
 __all__ = ["ArtifactCheckpoints", "Remote", "artifact_name", "new_artifact_id", "remote_of_trial"]
 
-ARTIFACTS_ATTR_PREFIX = "artifacts:"  # the system attribute optuna.artifacts gives each one
 MIMETYPE = "application/octet-stream"
 _NAME = re.compile(r"^checkpoint-step-(\d+)\.(pkl|pt)$")
 
@@ -184,12 +184,8 @@ class ArtifactCheckpoints:
                 f"saved step {step} in {path.parent} but cannot upload it to the artifact store "
                 f"{self.where}: {exc.strerror or exc}"
             ) from None
-        # the fields of optuna.artifacts.ArtifactMeta, what optuna-dashboard reads
-        meta = dict(artifact_id=artifact_id, filename=name, mimetype=MIMETYPE, encoding=None)
         try:
-            self.storage.set_trial_system_attr(
-                self.trial_id, ARTIFACTS_ATTR_PREFIX + artifact_id, json.dumps(meta)
-            )
+            record_artifact(self.storage, self.trial_id, artifact_id, name, MIMETYPE)
         except UpdateFinishedTrialError:
             self._discard(artifact_id)
             raise CheckpointError(

@@ -236,10 +236,15 @@ def resolve_options(flags: Mapping[str, Any], config: Path | None = None) -> Run
     artifacts = merged.get("artifacts")
     if artifacts is not None and not str(artifacts).strip():
         raise UsageError(f"{name('artifacts')} must be a directory or none, got {artifacts!r}")
-    if store == "artifacts" and str(artifacts).strip().lower() == "none":
+    no_store = artifacts is not None and str(artifacts).strip().lower() == "none"
+    if store == "artifacts" and no_store:
         raise UsageError(
             f"{name('checkpoint_store')} artifacts needs an artifact store, but "
             f"{name('artifacts')} is none"
+        )
+    if merged.get("artifacts_all") and no_store:
+        raise UsageError(
+            f"{name('artifacts_all')} needs an artifact store, but {name('artifacts')} is none"
         )
     min_delta = merged.get("min_delta", 0.0)
     if min_delta < 0:

@@ -10,10 +10,13 @@ written costs the evidence, never the trial: a warning is logged instead.
 
 from __future__ import annotations
 
+import io
 import logging
-import tempfile
+import uuid
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
+
+from optguard.artifacts import record_artifact
 
 if TYPE_CHECKING:
     import optuna
@@ -86,9 +89,11 @@ def attach_evidence(
     log: logging.Logger,
 ) -> int:
     """Upload ``trial``'s timeline and log lines to ``store``; how many files were attached.
-    ``storage``: ``None`` for a ``Trial`` (its own), the storage of a ``FrozenTrial``.
-    Storage errors propagate as from any other write; a store's ``OSError`` is logged."""
-    from optuna.artifacts import upload_artifact
+    ``storage``: ``None`` for a ``Trial`` (its own), the storage of a ``FrozenTrial``. Each
+    file is written before its record (``artifacts.record_artifact``). Storage errors
+    propagate as from any other write; a store's ``OSError`` is logged."""
+    if storage is None:
+        storage = trial.storage  # type: ignore[union-attr]  # a Trial's own
 
     number = trial.number
     files = {f"trial-{number}-guard.log": "\n".join(lines) + "\n"}
@@ -99,20 +104,14 @@ def attach_evidence(
             number, points, limits.max_rss_bytes, limits.timeout_s
         )
     attached = 0
-    with tempfile.TemporaryDirectory(prefix="optguard-evidence-") as tmp:
-        for name, text in files.items():
-            path = Path(tmp) / name
-            try:
-                path.write_text(text)
-                upload_artifact(
-                    artifact_store=store,
-                    file_path=str(path),
-                    study_or_trial=trial,
-                    storage=storage,
-                    mimetype=_MIME[path.suffix],
-                )
-            except OSError as exc:  # a full or unwritable store: the trial goes on without it
-                log.warning("Trial #%d: evidence %s not stored: %s", number, name, exc)
-                continue
-            attached += 1
+    for name, text in files.items():
+        artifact_id = str(uuid.uuid4())
+        try:
+            # UTF-8 whatever the locale: the log lines may hold any error message
+            store.write(artifact_id, io.BytesIO(text.encode("utf-8", errors="replace")))
+        except OSError as exc:  # a full or unwritable store: the trial goes on without it
+            log.warning("Trial #%d: evidence %s not stored: %s", number, name, exc)
+            continue
+        record_artifact(storage, trial._trial_id, artifact_id, name, _MIME[Path(name).suffix])
+        attached += 1
     return attached

@@ -17,6 +17,7 @@ import time
 from typing import Any, Callable, Iterator, TypeVar
 
 from optguard.errors import StorageError
+from optguard.storage_calls import between_attempts
 from optguard.urls import mask_url, redact
 
 __all__ = [
@@ -252,7 +253,8 @@ class Outage:
                     "storage %s unreachable (%s): retrying for up to %gs",
                     mask_url(self.url), describe(exc, self.url), self.bound_s,
                 )  # fmt: skip
-            time.sleep(min(delay, self.bound_s - waited))
+            with between_attempts():  # an interrupt is not held for the whole outage
+                time.sleep(min(delay, self.bound_s - waited))
             delay = min(2 * delay, BACKOFF_MAX_S)
             if on_retry is not None:
                 on_retry()

@@ -17,7 +17,14 @@ from typing import Any, Callable, Iterator
 
 from optguard.sqlite import in_transaction
 
-__all__ = ["guarded", "guarded_iter", "in_storage_call", "on_leaving", "storage_call"]
+__all__ = [
+    "between_attempts",
+    "guarded",
+    "guarded_iter",
+    "in_storage_call",
+    "on_leaving",
+    "storage_call",
+]
 
 _calls = threading.local()  # .depth: storage calls open in this thread
 _leave_hook: Callable[[], None] | None = None
@@ -51,6 +58,28 @@ class storage_call:  # noqa: N801  (a context manager, named as one is used)
         _calls.depth = self._depth
         if self._depth == 0 and _leave_hook is not None:
             _leave_hook()
+
+
+class between_attempts:  # noqa: N801  (a context manager, named as one is used)
+    """``with between_attempts():`` around the wait between two attempts of a storage call
+    (an outage's backoff, up to ``--storage-outage``): the failed attempt's session is rolled
+    back and nothing is half done, so this thread counts as outside any call meanwhile, and an
+    interrupt recorded during the attempt is raised now, not after the outage."""
+
+    __slots__ = ("_depth",)
+
+    def __enter__(self) -> None:
+        self._depth = getattr(_calls, "depth", 0)
+        _calls.depth = 0
+        try:
+            if self._depth and _leave_hook is not None:
+                _leave_hook()
+        except BaseException:
+            _calls.depth = self._depth
+            raise
+
+    def __exit__(self, *_exc: object) -> None:
+        _calls.depth = self._depth
 
 
 def guarded(method: Callable[..., Any]) -> Callable[..., Any]:

@@ -16,7 +16,7 @@ import os
 import tempfile
 from pathlib import Path
 
-__all__ = ["Timeline", "read_spool", "spool_path", "write_spool", "SPOOL_EVERY_S"]
+__all__ = ["Timeline", "drop_spool", "read_spool", "spool_path", "write_spool", "SPOOL_EVERY_S"]
 
 SPOOL_EVERY_S = 1.0  # how often the supervisor rewrites a running trial's spool
 _SPOOL_DIR = ".timelines"
@@ -62,10 +62,18 @@ def spool_path(log_path: Path) -> Path:
     return log_path.parent / _SPOOL_DIR / (log_path.stem + ".csv")
 
 
-def write_spool(path: Path, trial_id: int, points: list[tuple[float, int]]) -> None:
+def _header(trial_id: int, started: float) -> str:
+    # The trial's start (the worker's monotonic clock) with its id: an id alone repeats in a
+    # study recreated under the same name, and its stale spool would pass for this trial's.
+    return f"# trial_id {trial_id} started {started!r}"
+
+
+def write_spool(
+    path: Path, trial_id: int, started: float, points: list[tuple[float, int]]
+) -> None:
     """Replace the spool at once (a reader never sees half of it)."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    lines = [f"# trial_id {trial_id}"] + [f"{t:.3f},{v}" for t, v in points]
+    lines = [_header(trial_id, started)] + [f"{t:.3f},{v}" for t, v in points]
     fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=path.parent)
     try:
         with os.fdopen(fd, "w") as fh:
@@ -77,15 +85,16 @@ def write_spool(path: Path, trial_id: int, points: list[tuple[float, int]]) -> N
         raise
 
 
-def read_spool(path: Path, trial_id: int) -> list[tuple[float, int]]:
-    """The spooled points of ``trial_id``; none if the spool is missing or of another
-    trial (a trial shorter than ``SPOOL_EVERY_S``, or a worker run without a supervisor)."""
+def read_spool(path: Path, trial_id: int, started: float) -> list[tuple[float, int]]:
+    """The spooled points of the trial ``trial_id`` that began at ``started``; none if the
+    spool is missing or of another trial (one shorter than ``SPOOL_EVERY_S``, or a worker run
+    without a supervisor)."""
     try:
         text = path.read_text()
     except OSError:  # no spool yet: the caller has only the trial's own peak
         return []
     head, _, body = text.partition("\n")
-    if head.strip() != f"# trial_id {trial_id}":
+    if head.strip() != _header(trial_id, started):
         return []
     points = []
     for line in body.splitlines():
@@ -95,3 +104,9 @@ def read_spool(path: Path, trial_id: int) -> list[tuple[float, int]]:
         except ValueError:
             continue  # not a point: skipped, as a reader of a CSV would
     return points
+
+
+def drop_spool(path: Path) -> None:
+    """Remove the spool of a trial that has ended: nothing is left behind in ``logs/``."""
+    with contextlib.suppress(FileNotFoundError):
+        path.unlink()

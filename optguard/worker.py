@@ -305,6 +305,25 @@ class _Supervised:
                 self._raise_or_defer(interrupt)
 
 
+@dataclass(frozen=True)
+class _Evidence:
+    """What the worker knows of a trial's memory, for its evidence (``_attach_evidence``)."""
+
+    started: float  # the trial's start as the supervisor's spool names it
+    duration: float
+    peak: int
+    violation: Violation | None
+
+    def samples(self) -> list[tuple[float, int]]:
+        """The worker's own sample at a check that ended the trial: the supervisor, sampling
+        10 times a second and spooling every second, may not have it. Steps the supervisor
+        took (interrupt, kill) are spooled by it; GPU memory is not this timeline's."""
+        v = self.violation
+        if v is None or v.enforcement != "check" or v.reason == guard_mod.REASON_GPU_MEMORY:
+            return []
+        return [(v.elapsed_s, v.rss_bytes)] if v.rss_bytes else []
+
+
 class _TrialRunner:
     def __init__(
         self,
@@ -339,7 +358,6 @@ class _TrialRunner:
         os.environ[CHECKPOINT_DIR_ENV] = str(opts.checkpoint_dir.absolute())
         os.environ[CHECKPOINT_STORE_ENV] = opts.checkpoint_store
         self.artifact_dir = artifact_dir(url, opts.artifacts)
-        self.store: Any = None  # opened at the first evidence
         self.log_path = worker_log_path(opts.log_dir, opts.study, identity.host, identity.index)
         self.log_offset: int | None = None  # where the log ended when the trial began
         if self.artifact_dir is not None:
@@ -433,7 +451,7 @@ class _TrialRunner:
             oom = gpus.oom_reason(exc)  # an out-of-memory error: recorded as the guard's own
             if oom is not None:
                 state, violation = TrialState.PRUNED, self._oom(guard, oom)
-                trial.set_user_attr(ATTR_PREFIX + "error", error_line(exc))
+                self.set_attrs(trial, {"error": error_line(exc)})
             else:
                 error = error_line(exc)
             for line in traceback.format_exc().rstrip().splitlines():
@@ -454,7 +472,7 @@ class _TrialRunner:
             self._record_violation(trial, violation)
         if error is not None:
             self.log.error("Trial #%d failed: %s", number, error)
-            trial.set_user_attr(ATTR_PREFIX + "error", error)
+            self.set_attrs(trial, {"error": error})
         os.environ.pop(channel.TRIAL_ENV, None)
         self._end_leftovers(number)
         self.supervised.end()
@@ -470,7 +488,7 @@ class _TrialRunner:
             attrs["pruned_by"] = "guard" if violation is not None else "pruner"
         evidence = None
         if self.artifact_dir is not None and (violation is not None or self.opts.artifacts_all):
-            evidence = [(duration, peak)] if peak else []  # the timeline, if none was spooled
+            evidence = _Evidence(guard.started, duration, peak, violation)
         self._finish(trial, state, value, attrs, evidence)
         self.log.info(
             "Trial #%d finished: state=%s value=%s duration=%.2fs",
@@ -570,28 +588,28 @@ class _TrialRunner:
             "; ".join(f"{','.join(pids)}: {reason}" for reason, pids in why.items()),
         )
 
-    def _attach_evidence(
-        self, trial: optuna.trial.Trial, fallback: list[tuple[float, int]]
-    ) -> None:
-        """The trial's memory timeline (as the supervisor spooled it; else ``fallback``, the
-        peak at the end) and its log lines, as artifacts of the trial (``optguard.evidence``).
-        """
+    def _attach_evidence(self, trial: optuna.trial.Trial, evidence: _Evidence) -> None:
+        """The trial's memory timeline and its log lines, as artifacts of the trial
+        (``optguard.evidence``). Best effort: only a storage error propagates (as from any
+        write); a trial reaped meanwhile is left to the tell that follows."""
         from optguard.evidence import attach_evidence, trial_log_lines
+        from optguard.outage import is_storage_error
 
-        spool = spool_path(self.log_path)
-        points = read_spool(spool, trial._trial_id)
-        if fallback and (not points or points[-1][0] < fallback[-1][0]):
-            points = points + fallback
+        points = read_spool(spool_path(self.log_path), trial._trial_id, evidence.started)
+        points = sorted(points + evidence.samples())
+        if not points and evidence.peak:
+            points = [(evidence.duration, evidence.peak)]  # nothing sampled: the peak, at the end
         lines = trial_log_lines(self.log_path, trial.number, self.log_offset)
-        if self.store is None:
-            try:
-                self.store = open_store(self.artifact_dir)  # type: ignore[arg-type]
-            except OSError as exc:  # the evidence is lost, not the trial
-                self.log.warning("Artifact store %s: %s", self.artifact_dir, exc)
-                return
-        attach_evidence(
-            self.store, None, trial, points, self.opts.limits, lines, self.log
-        )
+        try:
+            store = open_store(self.artifact_dir)  # type: ignore[arg-type]
+            attach_evidence(store, None, trial, points, self.opts.limits, lines, self.log)
+        except UpdateFinishedTrialError:
+            return  # reaped by another host meanwhile: _finish's tell says so
+        except Exception as exc:
+            if is_storage_error(exc):
+                raise
+            # anything else (a store that cannot be created, an odd log) costs the evidence only
+            self.log.warning("Trial #%d: evidence not stored: %s", trial.number, error_line(exc))
 
     def set_attrs(
         self, trial: optuna.trial.Trial, attrs: dict[str, Any], closing: bool = False
@@ -601,7 +619,10 @@ class _TrialRunner:
         ``trial.user_attrs`` as after ``set_user_attr``."""
         prefixed = {ATTR_PREFIX + k: v for k, v in attrs.items()}
         write = set_closing_attrs if closing else set_trial_user_attrs
-        write(self.storage, trial._trial_id, prefixed)
+        try:
+            write(self.storage, trial._trial_id, prefixed)
+        except UpdateFinishedTrialError:
+            return  # reaped by another host meanwhile: _finish's tell says so and goes on
         trial._cached_frozen_trial.user_attrs.update(prefixed)
 
     def _finish(
@@ -610,7 +631,7 @@ class _TrialRunner:
         state: TrialState,
         value: float | list[float] | None,
         attrs: dict[str, Any],
-        evidence: list[tuple[float, int]] | None = None,
+        evidence: _Evidence | None = None,
     ) -> None:
         """Clean up, record the final memory, attach the ``evidence`` (when not ``None``: see
         ``_attach_evidence``), then tell: a finished trial is read-only."""

@@ -5,6 +5,7 @@ optuna-dashboard's API, as a user opening the dashboard sees them."""
 from __future__ import annotations
 
 import csv
+import os
 import io
 import json
 import socket
@@ -20,8 +21,10 @@ import optuna
 import pytest
 from conftest import load_trials, objective, one_error_line, sqlite_url
 
+from optguard.artifacts import artifact_dir
+from optguard.config import resolve_options
 from optguard.evidence import trial_log_lines
-from optguard.timeline import Timeline, read_spool, spool_path, write_spool
+from optguard.timeline import Timeline, drop_spool, read_spool, spool_path, write_spool
 
 EVIDENCE = objective("evidence.py:objective")  # #0 memory at a check, #1 stuck in C, #2 ok
 MIXED = objective("outcomes.py:mixed")  # #0 complete, #1 pruned by the objective, #2 raises
@@ -55,10 +58,15 @@ def test_timeline_is_bounded_spans_the_trial_and_keeps_the_peak(
 def test_spool_is_read_only_for_its_own_trial(tmp_path: Path) -> None:
     path = spool_path(tmp_path / "logs" / "worker_s_h_0.log")
     assert path.parent.name.startswith(".")  # `grep logs/*` does not read it
-    assert read_spool(path, 5) == []  # none yet: a trial shorter than the spool interval
-    write_spool(path, 5, [(0.1, 100), (1.2, 200)])
-    assert read_spool(path, 5) == [(0.1, 100), (1.2, 200)]
-    assert read_spool(path, 6) == []  # the last trial's spool is not this one's
+    assert read_spool(path, 5, 12.5) == []  # none yet: a trial shorter than the spool interval
+    write_spool(path, 5, 12.5, [(0.1, 100), (1.2, 200)])
+    assert read_spool(path, 5, 12.5) == [(0.1, 100), (1.2, 200)]
+    assert read_spool(path, 6, 14.0) == []  # the last trial's spool is not this one's
+    # Review: a study recreated under the same name reuses trial ids; its stale spool must not
+    # pass for the new trial's (it did, keyed by the id alone).
+    assert read_spool(path, 5, 99.25) == []
+    drop_spool(path)
+    assert not path.exists()
 
 
 def test_trial_log_lines_are_the_trials_own(tmp_path: Path) -> None:
@@ -229,6 +237,8 @@ def test_artifacts_all_and_none(tmp_path: Path, study_name: str) -> None:
         (["--checkpoint-store", "artifacts", "--artifacts", "none"],
          "--checkpoint-store artifacts needs an artifact store, but --artifacts is none"),
         (["--checkpoint-store", "s3"], "--checkpoint-store must be one of local, artifacts"),
+        (["--artifacts", "none", "--artifacts-all"],
+         "--artifacts-all needs an artifact store, but --artifacts is none"),
     ],
 )  # fmt: skip
 def test_bad_artifact_flags_are_refused_before_the_storage(
@@ -243,3 +253,86 @@ def test_bad_artifact_flags_are_refused_before_the_storage(
     assert error in one_error_line(result)
     assert not (tmp_path / "optguard.db").exists()
     assert not (tmp_path / "optguard-artifacts").exists()
+
+
+def test_checkpoint_store_artifacts_uses_the_default_store() -> None:
+    """Review: ``--checkpoint-store artifacts`` without ``--artifacts`` was refused as if the
+    store were ``none`` (``str(None)``); the default store beside the storage is meant."""
+    opts = resolve_options({"study": "s", "objective": MIXED, "checkpoint_store": "artifacts"})
+    assert opts.checkpoint_store == "artifacts" and opts.artifacts is None
+    assert artifact_dir("sqlite:////data/optguard.db", opts.artifacts) == Path(
+        "/data/optguard-artifacts"
+    )
+
+
+# -- review: the evidence path must cost the evidence only, never a worker or a trial ----------
+
+FAULTS = "evidence_faults.py"
+
+
+def _states(url: str, study: str) -> dict[str, int]:
+    from collections import Counter
+
+    return dict(Counter(t.state.name for t in load_trials(url, study)))
+
+
+@pytest.mark.scenario
+def test_a_trial_reaped_meanwhile_does_not_kill_the_worker(
+    tmp_path: Path, study_name: str
+) -> None:
+    """Review: with --artifacts-all the evidence write of a trial another host had reaped
+    raised UpdateFinishedTrialError and killed the worker (3 deaths in 3 trials)."""
+    url = sqlite_url(tmp_path)
+    env = {**os.environ, "REAP_URL": url}
+    proc = subprocess.run(
+        [sys.executable, "-m", "optguard", "run", "--study", study_name, "--objective",
+         objective(f"{FAULTS}:reaped"), "--n-trials", "3", "--workers", "1", "--artifacts-all",
+         "--fail-fast", "0"],
+        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=240, check=False,
+    )  # fmt: skip
+    assert "0 worker death(s)" in proc.stdout, proc.stdout + proc.stderr
+    assert proc.returncode != 0 or _states(url, study_name) == {"FAIL": 3}
+    assert _states(url, study_name).get("RUNNING", 0) == 0
+    log = "".join(p.read_text() for p in (tmp_path / "logs").glob("worker_*.log"))
+    assert log.count("was already finished by another host") == 3, log
+
+
+@pytest.mark.scenario
+def test_an_unwritable_store_leaves_no_record_of_a_missing_file(
+    tmp_path: Path, study_name: str
+) -> None:
+    """Review: Optuna's upload_artifact records before it writes; with a store that could
+    not be written every trial kept records of files that do not exist."""
+    store = tmp_path / "store"
+    _run(tmp_path, study_name, objective(f"{FAULTS}:breaks_the_store"), "--n-trials", "3",
+         "--artifacts", str(store), "--artifacts-all")  # fmt: skip
+    url = sqlite_url(tmp_path)
+    storage = optuna.storages.RDBStorage(url)
+    trials = load_trials(url, study_name)
+    assert [t.state.name for t in trials] == ["COMPLETE"] * 3
+    records = {t.number: optuna.artifacts.get_all_artifact_meta(t, storage=storage) for t in trials}
+    assert records[0] and not records[1] and not records[2], records
+    log = "".join(p.read_text() for p in (tmp_path / "logs").glob("worker_*.log"))
+    assert "evidence not stored" in log
+
+
+@pytest.mark.scenario
+def test_evidence_in_a_c_locale(tmp_path: Path, study_name: str) -> None:
+    """Review: the evidence was written in the locale's encoding; under LC_ALL=C a non-ASCII
+    error message crashed the worker and the supervisor and left the trial RUNNING."""
+    env = {**os.environ, "LC_ALL": "C", "PYTHONUTF8": "0", "PYTHONCOERCECLOCALE": "0"}
+    proc = subprocess.run(
+        [sys.executable, "-m", "optguard", "run", "--study", study_name, "--objective",
+         objective(f"{FAULTS}:non_ascii_error"), "--n-trials", "2", "--workers", "1",
+         "--artifacts-all", "--fail-fast", "0"],
+        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=240, check=False,
+    )  # fmt: skip
+    url = sqlite_url(tmp_path)
+    assert _states(url, study_name) == {"FAIL": 2}, proc.stdout + proc.stderr
+    assert "internal error" not in proc.stdout + proc.stderr
+    storage = optuna.storages.RDBStorage(url)
+    trial = load_trials(url, study_name)[0]
+    (meta,) = [m for m in optuna.artifacts.get_all_artifact_meta(trial, storage=storage)
+               if m.filename.endswith("guard.log")]  # fmt: skip
+    text = (tmp_path / "optguard-artifacts" / meta.artifact_id).read_bytes().decode("utf-8")
+    assert "température" in text

@@ -3,13 +3,17 @@ errors: an outage told from a refusal, retried up to a bound, named by the drive
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import os
 import signal
+import socket
 import sqlite3
 import subprocess
 import sys
+import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import optuna
@@ -18,7 +22,7 @@ import pymysql
 import pytest
 import sqlalchemy.event
 import sqlalchemy.exc
-from conftest import sqlite_url
+from conftest import PG_URL, sqlite_url
 from optuna.exceptions import StorageInternalError
 from optuna.trial import TrialState
 from sqlalchemy import text
@@ -115,6 +119,25 @@ def test_a_worker_interrupt_waits_while_its_transaction_is_open(tmp_path: Path) 
     assert _lock_is_free(tmp_path / "optguard.db")
 
 
+@contextlib.contextmanager
+def _worker_handlers(trial: optuna.trial.Trial) -> Iterator[_Supervised]:
+    """The worker's real signal handlers in this process, as in a worker running ``trial``'s
+    objective; the test process's own handlers come back afterwards."""
+    handled = (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1, signal.SIGUSR2)
+    previous = {s: signal.getsignal(s) for s in handled}
+    supervised = _Supervised()
+    supervised.install()
+    supervised.ready = True
+    supervised.begin(TrialGuard(trial, Limits()))
+    supervised.in_objective = True
+    try:
+        yield supervised
+    finally:
+        on_leaving(None)
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
+
+
 @pytest.mark.parametrize("when", ["commit", "after_commit"])
 @pytest.mark.parametrize("call", ["read", "write"])
 def test_a_sigterm_inside_a_storage_commit_is_raised_once_the_call_is_left(
@@ -129,13 +152,6 @@ def test_a_sigterm_inside_a_storage_commit_is_raised_once_the_call_is_left(
     storage = _storage(tmp_path)
     study = optuna.load_study(study_name="s", storage=storage)
     trial = study.ask()
-    supervised = _Supervised()
-    previous = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1,
-                                                 signal.SIGUSR2)}  # fmt: skip
-    supervised.install()
-    supervised.ready = True
-    supervised.begin(TrialGuard(trial, Limits()))
-    supervised.in_objective = True
     sent: list[str] = []
 
     def send(*_args: object) -> None:
@@ -145,7 +161,7 @@ def test_a_sigterm_inside_a_storage_commit_is_raised_once_the_call_is_left(
 
     target = storage.engine if when == "commit" else storage.scoped_session
     sqlalchemy.event.listen(target, when, send)
-    try:
+    with _worker_handlers(trial) as supervised:
         with pytest.raises(GuardPruned) as raised:
             if call == "read":
                 storage.get_all_trials(study._study_id)
@@ -158,11 +174,81 @@ def test_a_sigterm_inside_a_storage_commit_is_raised_once_the_call_is_left(
         assert stored.user_attrs == ({} if call == "read" else {"x": 1})
         study.tell(trial, state=TrialState.PRUNED)
         assert storage.get_trial(trial._trial_id).state == TrialState.PRUNED
-    finally:
-        on_leaving(None)
-        for signum, handler in previous.items():
-            signal.signal(signum, handler)
     assert _lock_is_free(tmp_path / "optguard.db")
+
+
+class _Proxy:
+    """A TCP forwarder to the real PostgreSQL that can be cut: a real outage (connections
+    reset, then refused) without stopping the server other tests use."""
+
+    def __init__(self, target: tuple[str, int]) -> None:
+        self.target = target
+        self.port = 0
+        self.conns: list[socket.socket] = []
+        self.restore()
+
+    def restore(self) -> None:
+        self.listener = socket.create_server(("127.0.0.1", self.port))
+        self.port = self.listener.getsockname()[1]
+        self.down = False
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                client, _ = self.listener.accept()
+            except OSError:
+                return  # cut
+            server = socket.create_connection(self.target)
+            self.conns += [client, server]
+            for a, b in ((client, server), (server, client)):
+                threading.Thread(target=self._pipe, args=(a, b), daemon=True).start()
+
+    @staticmethod
+    def _pipe(src: socket.socket, dst: socket.socket) -> None:
+        try:
+            while data := src.recv(65536):
+                dst.sendall(data)
+        except OSError:
+            pass  # the other side was cut
+        for sock in (src, dst):
+            with contextlib.suppress(OSError):
+                sock.shutdown(socket.SHUT_RDWR)
+
+    def cut(self) -> None:
+        self.down = True
+        with contextlib.suppress(OSError):
+            self.listener.shutdown(socket.SHUT_RDWR)  # wakes the accept (close alone does not)
+        self.listener.close()
+        for sock in self.conns:
+            with contextlib.suppress(OSError):
+                sock.shutdown(socket.SHUT_RDWR)
+
+
+def test_an_interrupt_is_not_held_for_a_whole_storage_outage(study_name: str) -> None:
+    """Review: an interrupt that came while a storage call rode out an outage was held until
+    the storage came back (up to --storage-outage): the kill step then SIGKILLed the trial and
+    its emergency checkpoints never ran. The wait between attempts is outside the call."""
+    host, port = sqlalchemy.engine.make_url(PG_URL).host, sqlalchemy.engine.make_url(PG_URL).port
+    proxy = _Proxy((host or "127.0.0.1", port or 5432))
+    url = str(sqlalchemy.engine.make_url(PG_URL).set(host="127.0.0.1", port=proxy.port))
+    storage = open_storage(url, create_schema=True, outage_s=60)
+    study = optuna.create_study(study_name=study_name, storage=storage)
+    trial = study.ask()
+    proxy.cut()
+    timer = threading.Timer(1.0, os.kill, (os.getpid(), signal.SIGTERM))
+    back = threading.Timer(15.0, proxy.restore)  # the outage ends, well before --storage-outage
+    timer.start()
+    back.start()
+    try:
+        with _worker_handlers(trial), pytest.raises(GuardPruned) as raised:
+            storage.set_trial_intermediate_value(trial._trial_id, 0, 1.0)  # as trial.report
+        assert proxy.down  # raised during the outage, not once the storage was back
+        assert raised.value.violation.reason == "interrupted"
+    finally:
+        timer.cancel()
+        back.cancel()
+        optuna.delete_study(study_name=study_name, storage=PG_URL)
 
 
 # -- storage errors: optguard.outage ----------------------------------------------------------

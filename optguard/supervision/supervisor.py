@@ -46,7 +46,7 @@ from optguard.errors import (
 )
 from optguard.guard import REASON_MEMORY, REASON_SYSTEM_MEMORY, Violation
 from optguard.liveness import Proc, parse_owner, probe_trial
-from optguard.outage import outage_of
+from optguard.outage import is_storage_error, outage_of
 from optguard.preflight import check_run_inputs
 from optguard.progress import Progress, read_progress
 from optguard.recovery import Recovery, mark_interrupted, reap_stale, recover
@@ -71,7 +71,7 @@ from optguard.supervision.orphans import ORPHAN_GRACE_S, Orphans
 from optguard.supervision.outcome import Ended, fail_fast_error, incomplete_error
 from optguard.supervision.workers import Worker, spawn_worker
 from optguard.termination import TERMINATED_ATTR, TerminatorWatch, terminate_error
-from optguard.timeline import SPOOL_EVERY_S, spool_path, write_spool
+from optguard.timeline import SPOOL_EVERY_S, drop_spool, spool_path, write_spool
 from optguard.worker import ATTR_PREFIX, REASON_INTERRUPTED, START_FAILURE
 
 __all__ = ["RunResult", "run_study"]
@@ -262,6 +262,8 @@ class _Supervisor:
                 budget = float(event.get("budget_s", 0.0))
                 worker.checkpoint_until = now + budget + CHECKPOINT_MARGIN_S
             elif kind == "end" and _about(worker.trial, event):
+                if worker.trial.spooled_at:  # type: ignore[union-attr]
+                    drop_spool(spool_path(worker.log_path))  # the worker has read it
                 worker.trial = None
                 ended = Ended(
                     event["trial"], event["state"], event.get("error"), event.get("enforcement")
@@ -386,7 +388,10 @@ class _Supervisor:
         """The trial's timeline, for the worker to attach when it ends (``optguard.timeline``)."""
         trial.spooled_at = now
         try:
-            write_spool(spool_path(worker.log_path), trial.trial_id, trial.timeline.snapshot())
+            write_spool(
+                spool_path(worker.log_path), trial.trial_id, trial.started,
+                trial.timeline.snapshot(),
+            )  # fmt: skip
         except OSError:
             pass  # a full disk: the evidence loses its timeline, the run goes on
 
@@ -576,6 +581,8 @@ class _Supervisor:
         (``optguard.evidence``): every such trial was ended by the guard or lost a worker."""
         if self.evidence_dir is None:
             return
+        from optuna.exceptions import UpdateFinishedTrialError
+
         from optguard.evidence import attach_evidence, trial_log_lines
 
         points = watched.timeline.snapshot() if watched is not None else []
@@ -585,12 +592,18 @@ class _Supervisor:
         ]
         try:
             store = open_store(self.evidence_dir)
-        except OSError as exc:  # the evidence is lost, not the trial's state
-            _log.warning("artifact store %s: %s", self.evidence_dir, exc)
-            return
-        attach_evidence(
-            store, self.storage, trial, points, self.opts.limits, lines, _log
-        )
+            attach_evidence(  # its warnings go to the worker's log, beside the trial's lines
+                store, self.storage, trial, points, self.opts.limits, lines, worker.log
+            )
+        except Exception as exc:
+            if is_storage_error(exc) or isinstance(exc, UpdateFinishedTrialError):
+                raise  # an outage (polled), or the worker told the trial just before it died
+            # anything else costs the evidence only: the trial must still be marked
+            self._log(
+                worker, logging.WARNING, trial.number,
+                f"Trial #{trial.number}: evidence not stored: {exc}",
+            )  # fmt: skip
+        drop_spool(spool_path(worker.log_path))
 
     def reap_worker(self, worker: Worker) -> int | None:
         """The worker's exit code once it exited (reaped here), with what ``/proc`` still
