@@ -2,39 +2,64 @@
 host that can reach the store, not only on the one whose ``--checkpoint-dir`` holds the files.
 
 Every save is uploaded and recorded on the running trial as an Optuna artifact named
-``checkpoint-step-<N>.<pkl|pt>`` (so optuna-dashboard lists it with the trial). A retry finds
-the checkpoints through the storage: the artifacts of every trial of its series (the original,
-``optguard.retry_of``, and the retries of it) in the same study. The store holds the files and
-the storage the records of every upload: a record whose file was rotated away is skipped.
+``checkpoint-step-<N>.<pkl|pt>`` (so optuna-dashboard lists it with the trial). The records sit
+under optguard's own keys, ``artifacts:optguard-ckpt-<trial id>-<slot>``, a fixed set per trial
+(``keep`` + 1 slots) that later saves overwrite: a trial's records stay bounded however often
+it saves, and the user's own artifacts are never read or removed. A retry finds the
+checkpoints through the storage: the records of every trial of its series (the original,
+``optguard.retry_of``, and the retries of it) in the same study. A record whose file was
+rotated away is skipped.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import os
 import re
+import shutil
 import time
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
-from typing import IO, TYPE_CHECKING, Any, Iterable
+from typing import IO, TYPE_CHECKING, Any, Callable, Iterable, TypeVar
 
-from optguard.artifacts import ARTIFACTS_ATTR_PREFIX, record_artifact
-from optguard.errors import CheckpointError, UsageError
+from optguard.artifacts import ARTIFACTS_ATTR_PREFIX
+from optguard.checkpointing import atomic_write, original_number
+from optguard.errors import CheckpointError, StorageError, UsageError
 
 if TYPE_CHECKING:
     import optuna
     from optuna.artifacts import FileSystemArtifactStore
 
-__all__ = ["ArtifactCheckpoints", "Remote", "artifact_name", "new_artifact_id", "remote_of_trial"]
+__all__ = [
+    "ArtifactCheckpoints",
+    "KEY_PREFIX",
+    "Remote",
+    "artifact_name",
+    "new_artifact_id",
+    "record_key",
+    "remote_of_trial",
+]
 
+T = TypeVar("T")
 MIMETYPE = "application/octet-stream"
-_NAME = re.compile(r"^checkpoint-step-(\d+)\.(pkl|pt)$")
+KEY_PREFIX = ARTIFACTS_ATTR_PREFIX + "optguard-ckpt-"  # what marks a record as optguard's
+_KEY = re.compile(r"([0-9]{1,18})-([0-9]{1,18})", re.ASCII)  # after KEY_PREFIX
+_NAME = re.compile(r"checkpoint-step-([0-9]{1,18})\.(pkl|pt)", re.ASCII)
+_UUID = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}", re.ASCII)
+
+_log = logging.getLogger("optguard.checkpoints")
 
 
 def artifact_name(step: int, suffix: str) -> str:
     """The file name a checkpoint of ``step`` has in the store and in optuna-dashboard."""
     return f"checkpoint-step-{step}.{suffix}"
+
+
+def record_key(trial_id: int, slot: int) -> str:
+    """The system attribute holding the record of one of a trial's slots."""
+    return f"{KEY_PREFIX}{trial_id}-{slot}"
 
 
 def new_artifact_id() -> str:
@@ -45,29 +70,54 @@ def new_artifact_id() -> str:
 
 @dataclass(frozen=True)
 class Remote:
-    """One checkpoint artifact: its id in the store, its step, and who uploaded it."""
+    """One checkpoint artifact: its id in the store, its step, who uploaded it and where its
+    record is."""
 
     artifact_id: str
     step: int
     suffix: str  # "pkl" or "pt": how to read it
     trial: int  # number of the trial that uploaded it: a later trial's copy of a step wins
+    slot: int
+
+    @property
+    def order(self) -> tuple[int, str]:
+        """Newer copies sort higher: a later trial's, then the later upload (ids start with
+        the time)."""
+        return self.trial, self.artifact_id
 
 
-def _remotes(number: int, system_attrs: dict[str, Any]) -> list[Remote]:
-    """The checkpoint artifacts among a trial's system attributes (not the guard's evidence)."""
+def _remotes(number: int, trial_id: int, system_attrs: dict[str, Any]) -> list[Remote]:
+    """The checkpoint records among a trial's system attributes. Only keys of optguard's own
+    scheme for this very trial count; a record that does not parse is skipped, not fatal."""
     found = []
     for key, value in system_attrs.items():
-        if not key.startswith(ARTIFACTS_ATTR_PREFIX):
-            continue
+        if not key.startswith(KEY_PREFIX):
+            continue  # the user's artifacts, the guard's evidence: not ours to read or remove
+        match = _KEY.fullmatch(key, len(KEY_PREFIX))
+        if match is None or int(match.group(1)) != trial_id:
+            continue  # not this trial's key (a copied study's record)
         try:
             meta = json.loads(value)
-            match = _NAME.match(meta["filename"])
+            name = _NAME.fullmatch(meta["filename"])
             artifact_id = meta["artifact_id"]
+            valid = isinstance(artifact_id, str) and _UUID.fullmatch(artifact_id) is not None
         except (TypeError, ValueError, KeyError):
-            continue  # someone else's attribute under the prefix: not ours to read
-        if match is not None and isinstance(artifact_id, str):
-            found.append(Remote(artifact_id, int(match.group(1)), match.group(2), number))
+            continue  # an odd record: skipped, the others still resume
+        if name is not None and valid:
+            step, suffix = int(name.group(1)), name.group(2)
+            found.append(Remote(artifact_id, step, suffix, number, int(match.group(2))))
     return found
+
+
+def _storage_cause(exc: Exception, storage: Any) -> str | None:
+    """One line naming a storage failure, or None when ``exc`` is not one."""
+    from optguard.outage import describe, is_storage_error
+
+    if isinstance(exc, KeyError):  # the trial or study was deleted meanwhile
+        return f"{exc.args[0] if exc.args else 'not found'}"
+    if is_storage_error(exc):
+        return describe(exc, str(getattr(storage, "url", "") or ""))
+    return None
 
 
 class ArtifactCheckpoints:
@@ -86,36 +136,58 @@ class ArtifactCheckpoints:
         original: int,
     ) -> None:
         self.store = store
-        self.where = where  # the store, as error messages name it
+        self.where = where  # the store's directory, as error messages name it
         self.storage = storage
         self.study_id = study_id
         self.trial_id = trial_id
         self.number = number
         self.original = original
         self._others: list[Remote] | None = None  # finished trials of the series: read once
-        self._gone: set[str] = set()  # ids whose file is known removed: never looked up again
+        self._gone: set[str] = set()  # ids whose file is removed or unreadable: skipped
         self._present: set[str] = set()  # ids known to have a file
+        self._warned = False
 
     def __repr__(self) -> str:
         return f"ArtifactCheckpoints({self.where!r}, trial={self.number}, of={self.original})"
 
-    # -- reading -----------------------------------------------------------------------------
-    def _series(self) -> list[Remote]:
-        """Every checkpoint artifact recorded for the series, this trial's read afresh (a second
-        manager of the same trial may have saved since)."""
-        if self._others is None:
-            from optguard.checkpointing import original_number
+    def _call(self, what: str, fn: Callable[[], T]) -> T:
+        """``fn()``, a storage call; a driver's error or a deleted trial becomes one line.
+        optguard's own ``StorageError`` (down past ``--storage-outage``) passes unchanged:
+        the worker stops on it rather than failing the trial."""
+        try:
+            return fn()
+        except StorageError:
+            raise
+        except Exception as exc:
+            cause = _storage_cause(exc, self.storage)
+            if cause is None:
+                raise
+            raise CheckpointError(f"cannot {what} in the storage: {cause}") from exc
 
-            trials = self.storage.get_all_trials(self.study_id, deepcopy=False)
+    # -- reading -----------------------------------------------------------------------------
+    def _own(self) -> dict[int, Remote]:
+        """The running trial's records by slot, read afresh (another manager may have saved)."""
+        attrs = self._call(
+            f"read the checkpoints of trial {self.number}",
+            lambda: self.storage.get_trial_system_attrs(self.trial_id),
+        )
+        return {r.slot: r for r in _remotes(self.number, self.trial_id, attrs)}
+
+    def _series(self) -> list[Remote]:
+        """Every checkpoint record of the series."""
+        if self._others is None:
+            trials = self._call(
+                f"read the checkpoints of trial {self.original}'s retries",
+                lambda: self.storage.get_all_trials(self.study_id, deepcopy=False),
+            )
             self._others = [
                 remote
                 for t in trials
                 if t.number != self.number
                 and original_number(t.number, t.user_attrs) == self.original
-                for remote in _remotes(t.number, t.system_attrs)
+                for remote in _remotes(t.number, t._trial_id, t.system_attrs)
             ]
-        own = _remotes(self.number, self.storage.get_trial_system_attrs(self.trial_id))
-        return self._others + own
+        return self._others + list(self._own().values())
 
     def _exists(self, remote: Remote) -> bool:
         from optuna.artifacts.exceptions import ArtifactNotFound
@@ -126,8 +198,8 @@ class ArtifactCheckpoints:
             return False
         try:
             self.store.open_reader(remote.artifact_id).close()
-        except (ArtifactNotFound, ValueError):  # ValueError: an id naming a path outside it
-            self._gone.add(remote.artifact_id)  # rotated away; its record stays in the storage
+        except ArtifactNotFound:
+            self._gone.add(remote.artifact_id)  # rotated away; its record stays a while
             return False
         except OSError as exc:
             raise CheckpointError(
@@ -138,14 +210,28 @@ class ArtifactCheckpoints:
 
     def live(self) -> dict[int, list[Remote]]:
         """Checkpoints whose file is in the store, by step (ascending); the copies of a step
-        newest first: the latest trial's, and within one trial the last uploaded."""
+        newest first."""
+        series = self._series()
         by_step: dict[int, list[Remote]] = {}
-        for remote in self._series():
+        for remote in series:
             if self._exists(remote):
                 by_step.setdefault(remote.step, []).append(remote)
-        for copies in by_step.values():  # ids start with the upload time (new_artifact_id)
-            copies.sort(key=lambda r: (r.trial, r.artifact_id), reverse=True)
+        if series and not by_step and not self._warned:
+            self._warned = True  # a store each host has its own of: say why it starts over
+            _log.warning(
+                "Checkpoints of trial %d: the storage records %d upload(s) but the artifact "
+                "store %s has none of their files; is it the store they went to (every host "
+                "needs the same --artifacts directory)? Starting without them",
+                self.original, len(series), self.where,
+            )  # fmt: skip
+        for copies in by_step.values():
+            copies.sort(key=lambda r: r.order, reverse=True)
         return {step: by_step[step] for step in sorted(by_step)}
+
+    def forget(self, remote: Remote) -> None:
+        """Skip ``remote`` from now on (its file is unreadable); the store keeps it."""
+        self._gone.add(remote.artifact_id)
+        self._present.discard(remote.artifact_id)
 
     def open(self, remote: Remote) -> IO[bytes] | None:
         """A reader of ``remote``'s file, or None if it was removed meanwhile."""
@@ -154,8 +240,7 @@ class ArtifactCheckpoints:
         try:
             return self.store.open_reader(remote.artifact_id)
         except ArtifactNotFound:
-            self._gone.add(remote.artifact_id)
-            self._present.discard(remote.artifact_id)
+            self.forget(remote)
             return None
         except OSError as exc:
             raise CheckpointError(
@@ -164,40 +249,73 @@ class ArtifactCheckpoints:
             ) from None
 
     # -- writing -----------------------------------------------------------------------------
-    def upload(self, path: Path, step: int) -> str:
-        """Upload the checkpoint file ``path`` of ``step`` and record it on the running trial.
+    def _slot(self, own: dict[int, Remote], step: int, slots: int | None) -> int:
+        """Where the record of a new upload of ``step`` goes: a free slot, else one whose file
+        is gone, else the same step's, else the oldest. Unbounded ``keep`` (None): the step."""
+        if slots is None:
+            return step
+        order = [(step + i) % slots for i in range(slots)]  # two steps at once: two slots
+        for test in (
+            lambda s: s not in own,
+            lambda s: not self._exists(own[s]),
+            lambda s: own[s].step == step,
+        ):
+            for slot in order:
+                if test(slot):
+                    return slot
+        return min(order, key=lambda s: (own[s].step, own[s].order))
 
-        The file goes first and its record second (``optuna.artifacts.upload_artifact`` does
-        the reverse): a process killed mid-upload leaves no record of a partial file, so a
-        retry resumes from the previous step instead of failing on a truncated one.
+    def upload(
+        self, src: IO[bytes], directory: Path, step: int, suffix: str, slots: int | None
+    ) -> Remote:
+        """Upload ``src``, the checkpoint of ``step`` just saved in ``directory``, and record
+        it on the running trial in one of ``slots`` slots (None: one per step).
+
+        The file goes first, durably (temp name in the store, fsync, rename, fsync of the
+        directory), and its record second: a crash mid-upload leaves no record of a partial
+        file. A failure leaves no unrecorded file behind.
         """
         from optuna.exceptions import UpdateFinishedTrialError
 
         artifact_id = new_artifact_id()
-        name = artifact_name(step, path.suffix.lstrip("."))
+        name = artifact_name(step, suffix)
         try:
-            with path.open("rb") as fh:
-                self.store.write(artifact_id, fh)
+            atomic_write(Path(self.where), artifact_id, lambda fh: shutil.copyfileobj(src, fh))
         except OSError as exc:
-            self._discard(artifact_id)
             raise CheckpointError(
-                f"saved step {step} in {path.parent} but cannot upload it to the artifact store "
+                f"saved step {step} in {directory} but cannot upload it to the artifact store "
                 f"{self.where}: {exc.strerror or exc}"
             ) from None
+        # optuna's ArtifactMeta, as upload_artifact records it: what optuna-dashboard lists
+        meta: dict[str, str | None] = {"artifact_id": artifact_id, "filename": name}
+        meta.update(mimetype=MIMETYPE, encoding=None)
         try:
-            record_artifact(self.storage, self.trial_id, artifact_id, name, MIMETYPE)
+            own = self._own()
+            slot = self._slot(own, step, slots)
+            self._call(
+                f"record step {step} of trial {self.number}",
+                lambda: self.storage.set_trial_system_attr(
+                    self.trial_id, record_key(self.trial_id, slot), json.dumps(meta)
+                ),
+            )
         except UpdateFinishedTrialError:
             self._discard(artifact_id)
             raise CheckpointError(
-                f"saved step {step} in {path.parent} but trial {self.number} has finished: "
+                f"saved step {step} in {directory} but trial {self.number} has finished: "
                 "its checkpoint cannot be recorded in the artifact store"
             ) from None
+        except (CheckpointError, StorageError):
+            self._discard(artifact_id)
+            raise
         self._present.add(artifact_id)
-        return artifact_id
+        replaced = own.get(slot)
+        if replaced is not None and replaced.artifact_id != artifact_id:
+            self.remove([replaced])  # no record points at it any more
+        return Remote(artifact_id, step, suffix, self.number, slot)
 
     def _discard(self, artifact_id: str) -> None:
-        """Remove what a failed upload may have left; a store that cannot even do that keeps
-        an unrecorded file, which no reader ever looks at."""
+        """Remove the file of a failed upload; a store that cannot even do that keeps an
+        unrecorded file, which no reader ever looks at."""
         from optuna.artifacts.exceptions import ArtifactNotFound
 
         try:
@@ -206,7 +324,8 @@ class ArtifactCheckpoints:
             pass  # nothing written, or an unwritable store: an orphan file at worst
 
     def remove(self, remotes: Iterable[Remote]) -> None:
-        """Remove the files of ``remotes`` (rotation); their records stay in the storage."""
+        """Remove the files of ``remotes`` (rotation); their records stay until their slot is
+        reused."""
         from optuna.artifacts.exceptions import ArtifactNotFound
 
         for remote in remotes:
@@ -219,8 +338,7 @@ class ArtifactCheckpoints:
                     f"cannot remove old checkpoint {artifact_name(remote.step, remote.suffix)} "
                     f"from the artifact store {self.where}: {exc.strerror or exc}"
                 ) from None
-            self._present.discard(remote.artifact_id)
-            self._gone.add(remote.artifact_id)
+            self.forget(remote)
 
 
 def remote_of_trial(

@@ -30,7 +30,7 @@ from pathlib import Path
 from typing import IO, TYPE_CHECKING, Any, Callable, Iterable
 
 from optguard.artifacts import CHECKPOINT_STORE_ENV, CHECKPOINT_STORES
-from optguard.errors import CheckpointError, UsageError
+from optguard.errors import CheckpointError, StorageError, UsageError
 from optguard.logs import safe_name
 
 if TYPE_CHECKING:
@@ -64,6 +64,13 @@ _TMP = re.compile(r"^\.tmp-(?P<host>.+)-(?P<pid>\d+)-[A-Za-z0-9_]+$")
 _SCAN_ITEMS = 100  # items of one container looked at when deciding on torch.save
 
 _log = logging.getLogger("optguard.checkpoints")
+_MISSING = object()  # no copy of a step left to read
+
+
+class _Unreadable(CheckpointError):
+    """A checkpoint file that exists but cannot be unpickled (truncated, corrupt)."""
+
+
 _interrupt_callbacks: list[Callable[[], Any]] = []
 
 
@@ -153,23 +160,31 @@ def _fsync_dir(directory: Path) -> None:
         os.close(fd)
 
 
-def _atomic_write(directory: Path, name: str, write: Callable[[IO[bytes]], None]) -> int:
-    """Write ``directory/name`` all or nothing; return its size. The temp file never stays."""
+def atomic_write(
+    directory: Path, name: str, write: Callable[[IO[bytes]], None], read_back: bool = False
+) -> IO[bytes] | None:
+    """Write ``directory/name`` all or nothing; the temp file never stays. With ``read_back``,
+    a reader of exactly the bytes written: another manager of the trial may put its own file
+    under the name right after, and the upload of this save must not send that one."""
     prefix = f"{_TMP_PREFIX}{safe_name(socket.gethostname())}-{os.getpid()}-"
     fd, tmp = tempfile.mkstemp(prefix=prefix, dir=directory)
+    back = None
     try:
         with os.fdopen(fd, "wb") as fh:
             write(fh)
             fh.flush()
             os.fsync(fh.fileno())
-            size = os.fstat(fh.fileno()).st_size
+        if read_back:
+            back = open(tmp, "rb")
         os.replace(tmp, directory / name)
+        _fsync_dir(directory)
     except BaseException:  # disk full, a pickling error, GuardPruned raised mid-save: no debris
+        if back is not None:
+            back.close()
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
         raise
-    _fsync_dir(directory)
-    return size
+    return back
 
 
 def _iso(mtime: float) -> str:
@@ -183,8 +198,10 @@ class CheckpointManager:
     directory), so a process killed mid-save leaves the previous checkpoint readable.
 
     With ``remote`` (``--checkpoint-store artifacts``) every save is also uploaded to the
-    artifact store, and the steps there count as well as those in the directory, which is then
-    a cache: a checkpoint only the store has is downloaded into it when read.
+    artifact store, and only the series' uploads count: the directory is then a cache whose
+    file of a step is used only when the metadata names it a copy of that step's newest
+    upload (a deleted and recreated study leaves files under the same name); anything else is
+    downloaded anew when read.
     """
 
     def __init__(
@@ -229,56 +246,109 @@ class CheckpointManager:
                 found[step] = (mtime, Path(entry.path))
         return {step: found[step][1] for step in sorted(found)}
 
-    def _remote_live(self) -> dict[int, list["Remote"]]:
-        return {} if self.remote is None else self.remote.live()
-
     def steps(self) -> list[int]:
-        """Steps that have a checkpoint (in the directory or the artifact store), oldest first."""
-        return sorted(self._files().keys() | self._remote_live().keys())
+        """Steps that have a checkpoint, oldest first: in the directory, or with the artifact
+        store those its records list (the directory is only a cache of them then)."""
+        if self.remote is None:
+            return list(self._files())
+        return list(self.remote.live())
+
+    def _cached(self, step: int, remote: "Remote") -> Path | None:
+        """The directory's file of ``step`` if it is the cached copy of ``remote``: a file
+        another study, storage or upload left under the same name is never trusted."""
+        path = self._files().get(step)
+        if path is not None and self._cached_ids().get(path.name) == remote.artifact_id:
+            return path
+        return None
 
     def path(self, step: int) -> Path | None:
-        """The file of ``step`` in the directory, downloaded first if only the store has it."""
-        path = self._files().get(step)
-        return path if path is not None else self._download(step, self._remote_live())
-
-    def _download(self, step: int, live: dict[int, list["Remote"]]) -> Path | None:
-        """Copy the newest stored copy of ``step`` into the directory, atomically; None if the
-        store no longer has one (removed since it was listed)."""
+        """The file of ``step`` in the directory; with the artifact store, the cached copy of
+        its newest upload, downloaded first if the directory lacks it."""
         if self.remote is None:
-            return None
-        for remote in live.get(step, []):
-            reader = self.remote.open(remote)
-            if reader is None:
-                continue
-            name = f"step-{step:09d}.{remote.suffix}"
-            with self._lock, reader:
-                try:
-                    self.directory.mkdir(parents=True, exist_ok=True)
-                    _atomic_write(self.directory, name, lambda fh: shutil.copyfileobj(reader, fh))
-                except OSError as exc:
-                    raise CheckpointError(
-                        f"cannot download checkpoint of step {step} into {self.directory}: "
-                        f"{exc.strerror or exc}"
-                    ) from None
-            return self.directory / name
+            return self._files().get(step)
+        for remote in self.remote.live().get(step, []):
+            path = self._cached(step, remote) or self._download(step, remote)
+            if path is not None:
+                return path
         return None
+
+    def _download(self, step: int, remote: "Remote") -> Path | None:
+        """Copy ``remote`` into the directory, atomically, and note its id in the metadata;
+        None if the store no longer has it (removed since it was listed)."""
+        assert self.remote is not None
+        reader = self.remote.open(remote)
+        if reader is None:
+            return None
+        name = f"step-{step:09d}.{remote.suffix}"
+        with self._lock, reader:
+            try:
+                self.directory.mkdir(parents=True, exist_ok=True)
+                atomic_write(self.directory, name, lambda fh: shutil.copyfileobj(reader, fh))
+                self._write_metadata({name: remote.artifact_id})
+            except OSError as exc:
+                raise CheckpointError(
+                    f"cannot download checkpoint of step {step} into {self.directory}: "
+                    f"{exc.strerror or exc}"
+                ) from None
+        return self.directory / name
+
+    def _load_stored(self, step: int, copies: list["Remote"], map_location: Any) -> Any:
+        """The object of the newest readable copy of ``step``: a cached copy that cannot be
+        read is downloaded again, a downloaded one that cannot is skipped (logged) for the
+        next copy. ``_MISSING`` when no copy is left; the last ``_Unreadable`` when none of
+        them could be read."""
+        assert self.remote is not None
+        failed: _Unreadable | None = None
+        for remote in copies:
+            cached = self._cached(step, remote)
+            for candidate in (cached, None) if cached is not None else (None,):
+                path = candidate or self._download(step, remote)
+                if path is None:
+                    break  # removed from the store meanwhile
+                try:
+                    return self._read(path, map_location)
+                except _Unreadable as exc:
+                    failed = exc
+                    with contextlib.suppress(FileNotFoundError):
+                        path.unlink()  # never trusted again
+                    if candidate is None:  # the store's file itself: skipped from now on
+                        self.remote.forget(remote)
+                        _log.warning("%s; trying an older copy or step", exc)
+        if failed is not None:
+            raise failed
+        return _MISSING
 
     def load(self, step: int, map_location: Any = None) -> Any:
         """The object saved at ``step``; ``CheckpointError`` if there is none or it is
-        unreadable."""
-        path = self.path(step)
-        if path is None:
+        unreadable (with the artifact store: every copy of it)."""
+        if self.remote is None:
+            path = self._files().get(step)
+            found = _MISSING if path is None else self._read(path, map_location)
+        else:
+            found = self._load_stored(step, self.remote.live().get(step, []), map_location)
+        if found is _MISSING:
             raise CheckpointError(f"no checkpoint of step {step} in {self.directory}")
-        return self._read(path, map_location)
+        return found
 
     def latest(self, map_location: Any = None) -> tuple[int, Any] | None:
-        """``(step, object)`` of the highest step saved, or None: where a trial resumes."""
-        files, live = self._files(), self._remote_live()
-        for step in sorted(files.keys() | live.keys(), reverse=True):
-            path = files.get(step) or self._download(step, live)
-            if path is not None:
-                return step, self._read(path, map_location)
-        return None  # (a stored step whose file went meanwhile: the next lower one)
+        """``(step, object)`` of the highest step saved, or None: where a trial resumes. With
+        the artifact store a step none of whose copies can be read gives way to the next lower
+        one, so that one bad upload does not block the resume."""
+        if self.remote is None:
+            files = self._files()
+            if not files:
+                return None
+            step = max(files)
+            return step, self._read(files[step], map_location)
+        live = self.remote.live()
+        for step in sorted(live, reverse=True):
+            try:
+                found = self._load_stored(step, live[step], map_location)
+            except _Unreadable:
+                continue  # logged per copy
+            if found is not _MISSING:
+                return step, found
+        return None
 
     def _read(self, path: Path, map_location: Any) -> Any:
         try:
@@ -286,13 +356,16 @@ class CheckpointManager:
                 if path.suffix == ".pt":
                     import torch  # a file torch.save wrote needs torch to be read
 
-                    # Our own file, written by this trial or the one it retries: full unpickling.
-                    return torch.load(fh, map_location=map_location, weights_only=False)
+                    try:
+                        # Our own file, written by this trial or the one it retries.
+                        return torch.load(fh, map_location=map_location, weights_only=False)
+                    except RuntimeError as exc:  # torch's "failed reading zip archive" & co.
+                        raise _Unreadable(f"checkpoint {path} is unreadable: {exc}") from None
                 return pickle.load(fh)
         except OSError as exc:
             raise CheckpointError(f"cannot read checkpoint {path}: {exc.strerror}") from None
         except (EOFError, pickle.UnpicklingError) as exc:
-            raise CheckpointError(f"checkpoint {path} is unreadable: {exc}") from None
+            raise _Unreadable(f"checkpoint {path} is unreadable: {exc}") from None
 
     # -- writing -----------------------------------------------------------------------------
     def save(self, obj: Any, step: int) -> Path:
@@ -311,53 +384,78 @@ class CheckpointManager:
         with self._lock:
             try:
                 self.directory.mkdir(parents=True, exist_ok=True)
-                _atomic_write(self.directory, name, write)
+                written = atomic_write(self.directory, name, write, self.remote is not None)
             except OSError as exc:
                 raise CheckpointError(
                     f"cannot save checkpoint of step {step} in {self.directory}: "
                     f"{exc.strerror or exc}"
                 ) from None
-            uploaded, failed = None, None
-            if self.remote is not None:
+            uploaded: Remote | None = None
+            failed: CheckpointError | StorageError | None = None
+            if self.remote is not None and written is not None:
+                slots = None if self.keep is None else self.keep + 1  # +1: the one in flight
                 try:
-                    uploaded = self.remote.upload(self.directory / name, step)
-                except CheckpointError as exc:  # raised once the local side is tidy
+                    with written:
+                        uploaded = self.remote.upload(written, self.directory, step, suffix, slots)
+                except (CheckpointError, StorageError) as exc:  # raised once the local is tidy
                     failed = exc
-            self._tidy(step, name, uploaded, failed is None)
-            if failed is not None:
-                raise failed
+            self._tidy(step, name, uploaded, failed)
         return self.directory / name
 
-    def _tidy(self, step: int, name: str, uploaded: str | None, in_store: bool = True) -> None:
-        """After a save: the same step in the other format (or an older upload of it), the
-        oldest beyond ``keep`` (here and, ``in_store``, in the store), temp files of dead
-        processes; then the metadata. Failures here lose no checkpoint."""
+    def _tidy(
+        self,
+        step: int,
+        name: str,
+        uploaded: "Remote | None",
+        failed: CheckpointError | StorageError | None,
+    ) -> None:
+        """After a save: the same step in the other format, the oldest beyond ``keep`` (here
+        and, once uploaded, in the store, counting the series' uploads only, never files a
+        foreign cache left here), older uploads of the step, temp files of dead processes;
+        then the metadata. Raises ``failed`` (the upload's error), or the store's, at the end:
+        the local side is tidy by then. Failures here lose no checkpoint."""
         files = self._files()
-        live = self._remote_live() if in_store else {}
-        stale = [p for p in self.directory.glob(f"step-{step:09d}.*") if p.name != name]
-        kept = set(files) | set(live)
+        live: dict[int, list[Remote]] | None = None  # None: rotate on the local files
+        if self.remote is not None and uploaded is not None:
+            try:
+                live = self.remote.live()
+            except (CheckpointError, StorageError) as exc:
+                failed = exc
+        kept = set(files) if live is None else set(live) | {step}
         if self.keep is not None:  # the step just saved, and the highest other steps
             others = sorted(kept - {step})
             kept = {step, *others[max(0, len(others) - (self.keep - 1)) :]}
+        stale = [p for p in self.directory.glob(f"step-{step:09d}.*") if p.name != name]
         stale += [path for s, path in files.items() if s not in kept]
         stale += self._dead_temp_files()
         for path in stale:
             with contextlib.suppress(FileNotFoundError):
                 path.unlink()
         try:
-            self._write_metadata()
+            self._write_metadata({name: None if uploaded is None else uploaded.artifact_id})
         except OSError as exc:
             raise CheckpointError(
                 f"saved step {step} but cannot write {self.directory / METADATA}: "
                 f"{exc.strerror or exc}"
             ) from None
-        if self.remote is not None and in_store:
-            self.remote.remove(
-                remote
-                for s, copies in live.items()
-                for remote in copies
-                if s not in kept or (s == step and remote.artifact_id != uploaded)
-            )
+        if failed is not None:
+            raise failed
+        if self.remote is not None and uploaded is not None and live is not None:
+            self.remote.remove(self._superseded(step, kept, uploaded, live))
+
+    @staticmethod
+    def _superseded(
+        step: int, kept: set[int], uploaded: "Remote", live: dict[int, list["Remote"]]
+    ) -> list["Remote"]:
+        """The uploads rotation removes: steps beyond ``keep``, and copies of ``step`` older
+        than the one just uploaded. Another manager's newer copy of it stays, and ours goes;
+        when that manager's record took our slot, only ours goes (no record points at it)."""
+        gone = [r for s, copies in live.items() if s not in kept for r in copies]
+        copies = live.get(step, [])
+        if uploaded not in copies:
+            return [*gone, uploaded]
+        gone += [r for r in copies if r.order < uploaded.order]
+        return gone if copies[0] == uploaded else [*gone, uploaded]
 
     def _dead_temp_files(self) -> list[Path]:
         """Temp files a process of this host left when it was killed mid-save."""
@@ -375,23 +473,40 @@ class CheckpointManager:
                 continue  # alive, someone else's process
         return dead
 
+    def _cached_ids(self) -> dict[str, str | None]:
+        """File name -> id of the upload it is a copy of, from the metadata (empty if it is
+        missing or unparseable: nothing cached is trusted then)."""
+        try:
+            rows = json.loads((self.directory / METADATA).read_bytes())["checkpoints"]
+            return {row["path"]: row.get("artifact_id") for row in rows}
+        except (OSError, ValueError, TypeError, KeyError, AttributeError):
+            return {}  # no metadata yet, or another version's: every copy is downloaded anew
+
     def metadata(self) -> list[dict[str, Any]]:
         """``step``, ``time`` (ISO 8601, UTC), ``size`` (bytes) and ``path`` (file name in the
-        directory) of every checkpoint, oldest first: what ``checkpoint_metadata.json`` holds."""
+        directory) of every checkpoint, oldest first, and with the artifact store the
+        ``artifact_id`` the file is a copy of (None: not uploaded): what
+        ``checkpoint_metadata.json`` holds."""
+        return self._metadata({})
+
+    def _metadata(self, ids: dict[str, str | None]) -> list[dict[str, Any]]:
+        known = self._cached_ids() | ids if self.remote is not None else {}
         rows = []
         for step, path in self._files().items():
             try:
                 st = path.stat()
             except FileNotFoundError:
                 continue  # rotated away meanwhile
-            rows.append(
-                {"step": step, "time": _iso(st.st_mtime), "size": st.st_size, "path": path.name}
-            )
+            row = {"step": step, "time": _iso(st.st_mtime), "size": st.st_size, "path": path.name}
+            if self.remote is not None:
+                row["artifact_id"] = known.get(path.name)
+            rows.append(row)
         return rows
 
-    def _write_metadata(self) -> None:
-        data = json.dumps({"checkpoints": self.metadata()}, indent=2).encode()
-        _atomic_write(self.directory, METADATA, lambda fh: fh.write(data))
+    def _write_metadata(self, ids: dict[str, str | None]) -> None:
+        """Rewrite the metadata, ``ids`` (file name -> upload id) updating what it held."""
+        data = json.dumps({"checkpoints": self._metadata(ids)}, indent=2).encode()
+        atomic_write(self.directory, METADATA, lambda fh: fh.write(data))
 
     # -- emergency ---------------------------------------------------------------------------
     def on_interrupt(self, callback: Callable[[], Any]) -> Callable[[], Any]:
