@@ -155,7 +155,8 @@ def _options(**flags: Any) -> "RunOptions":
     from optguard.config import resolve_options
 
     config = flags.pop("config")
-    return resolve_options(flags, config)
+    ignore = flags.pop("ignore", ())
+    return resolve_options(flags, config, ignore)
 
 
 class _Renderer:
@@ -404,6 +405,15 @@ def worker(
     max_vram: Optional[str] = MaxVramOpt,
 ) -> None:
     """Run one worker in this process (what `run` starts N times; start more on other hosts)."""
+    from optguard.config import RUN_ONLY_KEYS, load_config
+
+    ignored = [k for k in RUN_ONLY_KEYS if k in load_config(config)] if config else []
+    if ignored:  # a worker's GPUs are its CUDA_VISIBLE_DEVICES: `run` shares them out
+        print(
+            f"optguard: warning: {', '.join(ignored)} (in {config}) applies to `optguard run` "
+            "only: the worker ignores it (give it its GPUs with CUDA_VISIBLE_DEVICES)",
+            file=sys.stderr, flush=True,
+        )  # fmt: skip
     opts = _options(
         study=study, objective=objective, n_trials=n_trials, storage=storage, timeout=timeout,
         max_rss=max_rss, direction=direction or None, directions=directions, sampler=sampler,
@@ -411,7 +421,7 @@ def worker(
         max_trials_per_worker=max_trials_per_worker, recycle_rss=recycle_rss, tag=tag, checkpoint_dir=checkpoint_dir,
         checkpoint_budget=checkpoint_budget, storage_outage=storage_outage,
         keep_pools=keep_pools, checkpoint_store=checkpoint_store, artifacts=artifacts,
-        artifacts_all=artifacts_all, max_vram=max_vram,
+        artifacts_all=artifacts_all, max_vram=max_vram, ignore=ignored,
     )  # fmt: skip
     from optguard.worker import run_worker
 
@@ -492,6 +502,12 @@ def _strict_json(value: Any) -> Any:
     return value
 
 
+def _reason_label(reason: str, out_of_memory: int) -> str:
+    """``memory (2 ran out of memory)``: an objective's out-of-memory error crossed no
+    limit, and the table must not read as if it had."""
+    return f"{reason} ({out_of_memory} ran out of memory)" if out_of_memory else reason
+
+
 def _render_report(data: dict[str, Any]) -> None:
     from rich.console import Console
     from rich.markup import escape
@@ -522,7 +538,11 @@ def _render_report(data: dict[str, Any]) -> None:
         console.print(table)
 
     counts("States", data["states"])
-    counts("Ended by optguard", {**data["guard_prunes"], "hard kills": data["hard_kills"]})
+    oom = data.get("out_of_memory", {})
+    counts("Ended by optguard", {
+        **{_reason_label(r, oom.get(r, 0)): n for r, n in data["guard_prunes"].items()},
+        "hard kills": data["hard_kills"],
+    })  # fmt: skip
     retries = data["retries"]
     outcomes = f" ({_state_words(retries['outcomes'])})" if retries["outcomes"] else ""
     console.print(f"Retries: {retries['count']}{outcomes}", markup=False, highlight=False)

@@ -6,7 +6,7 @@ import functools
 import tomllib
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Iterable, Mapping
 
 from optguard.artifacts import CHECKPOINT_STORES
 from optguard.checkpointing import DEFAULT_ROOT as DEFAULT_CHECKPOINT_DIR
@@ -147,9 +147,17 @@ def _option_name(key: str, from_config: bool, config: Path | None) -> str:
     return f"{key} (in {config})" if from_config else "--" + key.replace("_", "-")
 
 
-def resolve_options(flags: Mapping[str, Any], config: Path | None = None) -> RunOptions:
-    """Merge a config file with flags (flags win; ``None`` means not given) and validate."""
+RUN_ONLY_KEYS = ("gpus", "gpus_per_worker")  # shared out by `run`; a lone worker has its own
+
+
+def resolve_options(
+    flags: Mapping[str, Any], config: Path | None = None, ignore: Iterable[str] = ()
+) -> RunOptions:
+    """Merge a config file with flags (flags win; ``None`` means not given) and validate.
+    The file's ``ignore`` keys are dropped (``optguard worker``: ``RUN_ONLY_KEYS``)."""
     file_values = load_config(config) if config is not None else {}
+    for key in ignore:
+        file_values.pop(key, None)
     merged: dict[str, Any] = dict(file_values)
     if any(flags.get(key) is not None for key in DIRECTION_KEYS):
         for key in DIRECTION_KEYS:  # a flag replaces the file's directions, in either form

@@ -36,6 +36,7 @@ __all__ = [
     "describe_groups",
     "gpu_env",
     "group_devices",
+    "inherited_devices",
     "nvml",
     "oom_reason",
     "parse_gpus",
@@ -43,6 +44,8 @@ __all__ = [
     "resolve_gpus",
     "resolve_vram_limit",
     "run_groups",
+    "unwatched_warning",
+    "within_inherited",
 ]
 
 CUDA_ENV = "CUDA_VISIBLE_DEVICES"
@@ -53,6 +56,40 @@ PROCESS_CACHE_S = 0.01  # per-process usage read at most this often (one query p
 
 
 # -- pure: parsing, grouping, assignment ----------------------------------------------------
+def _ascii_digits(text: str) -> bool:
+    """``str.isdigit`` takes ``²`` and ``٣``, which ``int`` then refuses or CUDA never means."""
+    return text.isascii() and text.isdigit()
+
+
+NO_GPU_ENTRIES = ("", "-1", "NoDevFiles")  # a scheduler's way of saying "no GPU for you"
+
+
+def inherited_devices(environ: Mapping[str, str]) -> list[str] | None:
+    """The supervisor's own ``CUDA_VISIBLE_DEVICES`` entries (a scheduler's allocation);
+    ``None`` when it is unset, empty when it allocates no GPU."""
+    value = environ.get(CUDA_ENV)
+    if value is None:
+        return None
+    if value.strip() in NO_GPU_ENTRIES:
+        return []
+    return [d.strip() for d in value.split(",") if d.strip()]
+
+
+def within_inherited(
+    indices: Sequence[str], inherited: Sequence[str], option: str = "--gpus"
+) -> tuple[str, ...]:
+    """Indices as positions in an inherited list (i -> ``inherited[i]``), as CUDA itself
+    reads them under it: a scheduler's allocation is never escaped."""
+    outside = [i for i in indices if int(i) >= len(inherited)]
+    if outside:
+        have = f"0-{len(inherited) - 1}" if inherited else "none"
+        raise UsageError(
+            f"{option}: GPU {','.join(outside)} is outside the inherited {CUDA_ENV}="
+            f"{','.join(inherited)!r} ({len(inherited)} GPU(s): indices {have})"
+        )
+    return tuple(inherited[int(i)] for i in indices)
+
+
 def parse_gpus(value: str | int | Sequence[Any], option: str = "--gpus") -> tuple[str, ...] | None:
     """``0,1,2,3`` (or a TOML list, or one int) as device indices; ``None`` for ``all``."""
     if isinstance(value, bool):
@@ -68,7 +105,7 @@ def parse_gpus(value: str | int | Sequence[Any], option: str = "--gpus") -> tupl
     indices: list[str] = []
     for item in items:
         text = str(item).strip()
-        if isinstance(item, bool) or not text.isdigit():
+        if isinstance(item, bool) or not _ascii_digits(text):
             raise UsageError(
                 f"{option}: expected GPU indices like 0,1,2,3 or all, got {value!r}"
             )
@@ -113,11 +150,13 @@ def gpu_env(devices: Sequence[str], environ: Mapping[str, str]) -> dict[str, str
     """What a worker on ``devices`` gets in its environment (nothing without ``--gpus``).
 
     ``CUDA_DEVICE_ORDER`` the user set is kept: then their order is the one indices mean.
+    Under an inherited ``CUDA_VISIBLE_DEVICES`` the entries are the scheduler's, in the
+    order it meant them: none is added either.
     """
     if not devices:
         return {}
     env = {CUDA_ENV: ",".join(devices)}
-    if not environ.get(ORDER_ENV, "").strip():
+    if CUDA_ENV not in environ and not environ.get(ORDER_ENV, "").strip():
         env[ORDER_ENV] = "PCI_BUS_ID"
     return env
 
@@ -129,6 +168,9 @@ def describe_groups(groups: Sequence[Sequence[str]], workers: int) -> str:
     text = f"GPUs {' | '.join(','.join(g) for g in groups)} ({len(groups[0])} per worker"
     if workers > len(groups):
         text += f", {workers} workers share {len(groups)} group(s)"
+    elif workers < len(groups):  # said, not silently left idle
+        unused = " | ".join(",".join(g) for g in groups[workers:])
+        text += f"; {workers} worker(s) for {len(groups)} groups: GPUs {unused} stay unused"
     return text + ")"
 
 
@@ -146,18 +188,41 @@ def percent_of(percent: float, totals: Iterable[int]) -> int | None:
     return int(total * percent / 100) if total > 0 else None
 
 
-def oom_reason(exc: BaseException) -> str | None:
-    """``gpu_memory`` for torch's CUDA out-of-memory error, ``memory`` for a ``MemoryError``,
-    else ``None``. torch is looked up, never imported: an objective that raised its error
-    has imported it already."""
-    if isinstance(exc, MemoryError):
+def _lookup(modules: Mapping[str, Any], module: str, *attrs: str) -> type | None:
+    """``module.attrs...`` when ``module`` is already imported, else ``None``."""
+    found: Any = modules.get(module)
+    for attr in attrs:
+        found = getattr(found, attr, None)
+    return found if isinstance(found, type) else None
+
+
+GPU_OOM_TYPES = (  # (module, attribute path): looked up, never imported
+    ("torch", ("OutOfMemoryError",)),
+    ("torch.cuda", ("OutOfMemoryError",)),
+    ("cupy.cuda.memory", ("OutOfMemoryError",)),
+)
+RAM_OOM_TYPES = (  # numpy's failed allocation; MemoryError itself is matched exactly
+    ("numpy._core._exceptions", ("_ArrayMemoryError",)),
+    ("numpy.core._exceptions", ("_ArrayMemoryError",)),
+)
+
+
+def oom_reason(exc: BaseException, modules: Mapping[str, Any] = sys.modules) -> str | None:
+    """``gpu_memory`` for torch's or CuPy's CUDA out-of-memory error, ``memory`` for
+    ``MemoryError`` itself or numpy's failed allocation, else ``None``: a user's own
+    ``MemoryError`` subclass (a quota, say) is the objective's error, not the guard's.
+    GPU types come first (CuPy's derives from MemoryError). Modules are looked up, never
+    imported: an objective that raised their error has imported them already."""
+    for module, attrs in GPU_OOM_TYPES:
+        oom = _lookup(modules, module, *attrs)
+        if oom is not None and isinstance(exc, oom):
+            return REASON_GPU_MEMORY
+    if type(exc) is MemoryError:
         return "memory"
-    torch = sys.modules.get("torch")
-    oom = getattr(torch, "OutOfMemoryError", None) or getattr(
-        getattr(torch, "cuda", None), "OutOfMemoryError", None
-    )
-    if isinstance(oom, type) and isinstance(exc, oom):
-        return REASON_GPU_MEMORY
+    for module, attrs in RAM_OOM_TYPES:
+        oom = _lookup(modules, module, *attrs)
+        if oom is not None and type(exc) is oom:
+            return "memory"
     return None
 
 
@@ -179,7 +244,7 @@ class Nvml:
         """The NVML handle of one ``CUDA_VISIBLE_DEVICES`` entry (an index or a UUID)."""
         pynvml = self.pynvml
         try:
-            if device.isdigit():
+            if _ascii_digits(device):
                 return self.handles[int(device)] if int(device) < len(self.handles) else None
             return pynvml.nvmlDeviceGetHandleByUUID(device)
         except pynvml.NVMLError:
@@ -262,14 +327,21 @@ def resolve_gpus(value: str | int | Sequence[Any], option: str = "--gpus") -> tu
     """The devices ``--gpus`` names, checked against the GPUs NVML counts when it can.
 
     ``all``: the supervisor's own ``CUDA_VISIBLE_DEVICES`` when set (a scheduler's share,
-    UUIDs included), else every GPU NVML counts; an error when neither can tell.
+    UUIDs included), else every GPU NVML counts; an error when neither can tell. Indices
+    under an inherited list are positions in it (``within_inherited``).
     """
     indices = parse_gpus(value, option)
+    inherited = inherited_devices(os.environ)
+    if inherited == []:
+        raise UsageError(
+            f"{option}: the inherited {CUDA_ENV}={os.environ[CUDA_ENV]!r} allocates no GPU"
+        )
+    if inherited is not None:
+        return tuple(inherited) if indices is None else within_inherited(
+            indices, inherited, option
+        )
     lib = nvml()
     if indices is None:
-        inherited = [d.strip() for d in os.environ.get(CUDA_ENV, "").split(",") if d.strip()]
-        if inherited:
-            return tuple(inherited)
         if lib is None:
             raise UsageError(
                 f"{option} all: cannot count the GPUs: {nvml_unavailable()}; list them "
@@ -355,8 +427,8 @@ def visible_totals() -> list[int]:
     cuda = _cuda_in_use()
     if cuda is None:
         return []
-    try:
-        return [int(cuda.mem_get_info(d)[1]) for d in range(cuda.device_count())]
+    try:  # the properties, not mem_get_info: that creates a CUDA context on every device
+        return [int(cuda.get_device_properties(d).total_memory) for d in range(cuda.device_count())]
     except RuntimeError:
         return []  # the device is in a bad state: unknown
 
@@ -389,6 +461,25 @@ def resolve_vram_limit(limits: Any, groups: Sequence[Sequence[str]]) -> Any:
         inherited = [d.strip() for d in os.environ.get(CUDA_ENV, "").split(",") if d.strip()]
         sums = [sum(lib.totals(inherited if CUDA_ENV in os.environ else None))]
     limit = percent_of(limits.max_vram_percent, [min(sums)]) if sums else None
-    if limit is None:
-        return limits
+    if limit is None:  # NVML is there but knows none of these GPUs: nothing ever will
+        devices = " | ".join(",".join(g) for g in groups) or os.environ.get(CUDA_ENV, "all")
+        raise UsageError(
+            f"--max-vram {limits.max_vram_percent:g}%: NVML does not know the memory of the "
+            f"GPUs ({devices}); give a size instead (--max-vram 20GB)"
+        )
     return replace(limits, max_vram_bytes=limit, max_vram_percent=None)
+
+
+def unwatched_warning(limits: Any, why: str) -> str | None:
+    """The one warning line when ``--max-vram`` is set and nothing watches GPU memory from
+    outside the workers (``why``: NVML unavailable), else ``None``: a limit silently
+    unenforced is worse than none."""
+    if not limits.vram_limited or not why:
+        return None
+    text = (
+        f"warning: --max-vram is not enforced from outside the workers: {why}; each worker "
+        "checks only its own process, with torch's counters, once the objective uses CUDA"
+    )
+    if limits.max_vram_percent is not None:
+        text += f", and {limits.max_vram_percent:g}% only once torch knows the GPUs' totals"
+    return text

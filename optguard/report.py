@@ -300,6 +300,11 @@ def build_report(study: str, storage_url: str | None) -> dict[str, Any]:
         "trials": len(trials),
         "states": dict(sorted(states.items())),
         "guard_prunes": dict(sorted(reasons.items())),
+        # of those, the trials whose objective raised an out-of-memory error (no limit crossed)
+        "out_of_memory": dict(sorted(Counter(
+            str(t.user_attrs[A + "reason"]) for t in trials
+            if A + "reason" in t.user_attrs and t.user_attrs.get(A + "enforcement") == "oom"
+        ).items())),  # fmt: skip
         "hard_kills": sum(bool(t.user_attrs.get(A + "hard_kill")) for t in trials),
         "retries": {
             "count": len(retries),
@@ -324,6 +329,9 @@ def build_report(study: str, storage_url: str | None) -> dict[str, Any]:
                 "final_mb": _mb(t.user_attrs.get(A + "final_rss_bytes")),
                 "peak_mb": _mb(t.user_attrs.get(A + "peak_rss_bytes")),
                 "reason": t.user_attrs.get(A + "reason"),
+                # "oom": the objective ran out of memory, no limit was crossed
+                "enforcement": t.user_attrs.get(A + "enforcement"),
+                "peak_vram_mb": _mb(t.user_attrs.get(A + "peak_vram_bytes")),
             }
             for t in trials
         ],

@@ -22,6 +22,9 @@ OUTCOMES = {  # key -> (label, colour)
     "timeout": ("ended by the guard: timeout", "#0077b6"),
     "memory": ("ended by the guard: memory", "#7b2cbf"),
     "system_memory": ("ended by the guard: system memory", "#c2185b"),
+    "gpu_memory": ("ended by the guard: GPU memory", "#4361ee"),
+    "memory_oom": ("ran out of memory (recorded by the guard)", "#9d4edd"),
+    "gpu_memory_oom": ("ran out of GPU memory (recorded by the guard)", "#4cc9f0"),
     "cancelled": ("ended by the guard: cancelled", "#6c757d"),
     "interrupted": ("ended by the guard: interrupted", "#f77f00"),
     "worker_died": ("ended by the guard: worker died", "#3a0ca3"),
@@ -38,6 +41,11 @@ LIMIT_COLOUR = "#d00000"
 REASON_WORDS = {
     "timeout": "ran past the time limit{timeout}, and the guard ended {them}",
     "memory": "went over the memory limit{memory}, and the guard ended {them}",
+    "gpu_memory": "went over the GPU memory limit{vram}, and the guard ended {them}",
+    "memory_oom": "ran out of memory (the objective's allocation failed), and the guard "
+                  "recorded {them} as pruned",
+    "gpu_memory_oom": "ran out of GPU memory (the objective's allocation failed), and the "
+                      "guard recorded {them} as pruned",
     "system_memory": "{were} among the largest users of memory when the machine ran short of "
                      "RAM, and the guard ended {them} to free it",
     "cancelled": "{were} running when optguard cancel was asked for, and the guard ended {them}",
@@ -46,13 +54,21 @@ REASON_WORDS = {
 }  # fmt: skip
 
 
+def guard_key(point: dict[str, Any]) -> str:
+    """A guard reason, or ``memory_oom``/``gpu_memory_oom`` when the objective ran out of
+    memory (no limit was crossed: "went over the limit" would be untrue)."""
+    reason = str(point.get("reason"))
+    return f"{reason}_oom" if point.get("enforcement") == "oom" else reason
+
+
 def outcome(point: dict[str, Any]) -> str:
     """The key in ``OUTCOMES`` of one of the report's points."""
     state, reason = point["state"], point.get("reason")
     if state == "COMPLETE":
         return "complete"
     if reason:
-        return reason if reason in OUTCOMES else "other_reason"
+        key = guard_key(point)
+        return key if key in OUTCOMES else "other_reason"
     if state == "PRUNED":
         return "pruner"
     if state == "FAIL":
@@ -266,10 +282,11 @@ def _plural(n: int, word: str) -> str:
 def _guard_sentences(report: dict[str, Any], mem_mb: float | None,
                      timeout: float | None) -> list[str]:  # fmt: skip
     points = report["points"]
+    vram_mb = ((report.get("limits") or {}).get("max_vram_bytes") or 0) / 1e6 or None
     by_reason: dict[str, list[dict[str, Any]]] = {}
     for p in points:
         if p.get("reason"):
-            by_reason.setdefault(str(p["reason"]), []).append(p)
+            by_reason.setdefault(guard_key(p), []).append(p)
     out = []
     for reason, items in sorted(by_reason.items(), key=lambda kv: -len(kv[1])):
         words = REASON_WORDS.get(reason, "{were} ended by optguard with reason “{reason}”")
@@ -281,6 +298,7 @@ def _guard_sentences(report: dict[str, Any], mem_mb: float | None,
             their="its" if one else "their",
             timeout=f" of {fmt_s(timeout)}" if timeout else "",
             memory=f" of {fmt_mb(mem_mb)}" if mem_mb else "",
+            vram=f" of {fmt_mb(vram_mb)}" if vram_mb else "",
         )
         states = sorted({"failed" if p["state"] == "FAIL" else p["state"].lower() for p in items})
         extra = ""
@@ -292,10 +310,14 @@ def _guard_sentences(report: dict[str, Any], mem_mb: float | None,
                     if len(ds) == 1
                     else f" They ran {fmt_s(min(ds))} to {fmt_s(max(ds))}."
                 )
-        if reason == "memory":
+        if reason in ("memory", "memory_oom"):
             peaks = [p["peak_mb"] for p in items if p.get("peak_mb") is not None]
             if peaks:
                 extra = f" Peak memory reached up to {fmt_mb(max(peaks))}."
+        if reason in ("gpu_memory", "gpu_memory_oom"):
+            peaks = [p["peak_vram_mb"] for p in items if p.get("peak_vram_mb") is not None]
+            if peaks:
+                extra = f" Peak GPU memory reached up to {fmt_mb(max(peaks))}."
         out.append(
             f"<strong>{_plural(len(items), 'trial')}</strong> {escape(words, quote=False)} "
             f"(state {escape(', '.join(states))}): {_links([p['trial'] for p in items])}.{extra}"

@@ -423,6 +423,7 @@ class _TrialRunner:
         os.environ[channel.TRIAL_ENV] = str(number)
         value: float | list[float] | None = None
         error: str | None = None
+        oom_error: str | None = None
         violation: Violation | None = None
         state = TrialState.FAIL
         try:
@@ -451,7 +452,8 @@ class _TrialRunner:
             oom = gpus.oom_reason(exc)  # an out-of-memory error: recorded as the guard's own
             if oom is not None:
                 state, violation = TrialState.PRUNED, self._oom(guard, oom)
-                self.set_attrs(trial, {"error": error_line(exc)})
+                oom_error = error_line(exc)  # for --fail-fast: every trial may run out alike
+                self.set_attrs(trial, {"error": oom_error})
             else:
                 error = error_line(exc)
             for line in traceback.format_exc().rstrip().splitlines():
@@ -498,7 +500,7 @@ class _TrialRunner:
             duration,
         )
         self.supervised.report(
-            "end", trial=number, state=state.name, error=error,
+            "end", trial=number, state=state.name, error=error or oom_error,
             enforcement=violation.enforcement if violation is not None else None,
         )  # fmt: skip
         if self.study._stop_flag:
@@ -765,11 +767,14 @@ def run_worker(opts: RunOptions, index: int = 0) -> int:
     optuna_logger = logging.getLogger("optuna")
     optuna_logger.setLevel(logging.WARNING)
     optuna_logger.propagate = False
-    outage_logger = logging.getLogger("optguard.outage")  # "unreachable ... retrying"
-    outage_logger.propagate = False
+    # "unreachable ... retrying"; a checkpoint store without the series' files
+    ours = [logging.getLogger(name) for name in ("optguard.outage", "optguard.checkpoints")]
+    for logger in ours:
+        logger.propagate = False
     for handler in log.handlers:
         optuna_logger.addHandler(handler)  # Optuna's own warnings land in the same file
-        outage_logger.addHandler(handler)
+        for logger in ours:
+            logger.addHandler(handler)
     optuna.logging.disable_default_handler()
     supervised = _Supervised()
     supervised.install()
@@ -788,6 +793,9 @@ def run_worker(opts: RunOptions, index: int = 0) -> int:
         worker_summary(os.environ, available_cpus()),
         gpus.worker_summary(os.environ, limits),
     )
+    unwatched = gpus.unwatched_warning(limits, gpus.nvml_unavailable())
+    if unwatched is not None:
+        log.warning("%s", unwatched[len("warning: "):])
     try:
         check_sampler(opts.sampler)  # a worker started by hand or a scheduler: no preflight
         objective = load_objective(opts.objective)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
+import optuna
 import pytest
 from conftest import load_trials, log_text, objective, one_error_line, run_cli, sqlite_url
 from optuna.trial import TrialState
@@ -20,6 +21,7 @@ from optguard.errors import UsageError
 from optguard.guard import ENFORCEMENT_OOM, REASON_GPU_MEMORY, Violation
 from optguard.limits import Escalation, Limits
 from optguard.supervision.escalation import Step, Watched, decide
+from optguard.supervision.outcome import Ended, fail_fast_error
 
 MB = 10**6
 GB = 10**9
@@ -63,6 +65,9 @@ def test_parse_gpus(value: object, devices: tuple[str, ...] | None) -> None:
         ("0,,1", "expected GPU indices"),
         ("-1", "expected GPU indices"),
         ("0,1,0", "GPU 0 is listed twice"),
+        ("\u00b2", "expected GPU indices"),  # str.isdigit() says yes, int() says no
+        ("\u0663", "expected GPU indices"),  # an Arabic-Indic 3: not CUDA's
+        (["\u00b2"], "expected GPU indices"),
         (True, "expected GPU indices"),
         ([0, "a"], "expected GPU indices"),
     ],
@@ -126,6 +131,58 @@ def test_a_replacement_gets_the_gpus_of_the_worker_it_replaces() -> None:
 
 
 @pytest.mark.parametrize(
+    ("environ", "inherited"),
+    [
+        ({}, None),
+        ({"CUDA_VISIBLE_DEVICES": "2,3"}, ["2", "3"]),
+        ({"CUDA_VISIBLE_DEVICES": " GPU-a , GPU-b "}, ["GPU-a", "GPU-b"]),
+        ({"CUDA_VISIBLE_DEVICES": ""}, []),
+        ({"CUDA_VISIBLE_DEVICES": "-1"}, []),
+        ({"CUDA_VISIBLE_DEVICES": "NoDevFiles"}, []),
+    ],
+)
+def test_inherited_devices(environ: dict[str, str], inherited: list[str] | None) -> None:
+    assert gpus.inherited_devices(environ) == inherited
+
+
+@pytest.mark.parametrize(
+    ("indices", "inherited", "devices"),
+    [
+        (("0", "1"), ["2", "3"], ("2", "3")),
+        (("1",), ["GPU-a", "GPU-b"], ("GPU-b",)),
+        (("1", "0"), ["5", "7"], ("7", "5")),
+        (("2",), ["2", "3"], "GPU 2 is outside the inherited CUDA_VISIBLE_DEVICES='2,3'"),
+        (("0",), [], "GPU 0 is outside the inherited"),
+    ],
+)
+def test_within_inherited(indices: tuple[str, ...], inherited: list[str], devices: object) -> None:
+    if isinstance(devices, str):
+        with pytest.raises(UsageError, match=re.escape(devices)):
+            gpus.within_inherited(indices, inherited)
+    else:
+        assert gpus.within_inherited(indices, inherited) == devices
+
+
+def test_nvml_handle_refuses_unicode_digits() -> None:
+    class _Module:
+        class NVMLError(Exception):
+            pass
+
+        def nvmlDeviceGetCount(self) -> int:
+            return 1
+
+        def nvmlDeviceGetHandleByIndex(self, i: int) -> str:
+            return f"h{i}"
+
+        def nvmlDeviceGetHandleByUUID(self, uuid: str) -> str:
+            raise self.NVMLError(uuid)
+
+    lib = gpus.Nvml(_Module())
+    assert lib.handle("0") == "h0"
+    assert lib.handle("\u00b2") is None  # not index 2, not a crash
+
+
+@pytest.mark.parametrize(
     ("devices", "environ", "env"),
     [
         (("0", "1"), {}, {"CUDA_VISIBLE_DEVICES": "0,1", "CUDA_DEVICE_ORDER": "PCI_BUS_ID"}),
@@ -133,6 +190,9 @@ def test_a_replacement_gets_the_gpus_of_the_worker_it_replaces() -> None:
         (("2",), {"CUDA_DEVICE_ORDER": " "}, {"CUDA_VISIBLE_DEVICES": "2",
                                                "CUDA_DEVICE_ORDER": "PCI_BUS_ID"}),
         ((), {"CUDA_VISIBLE_DEVICES": "5"}, {}),  # no --gpus: the worker inherits the run's
+        # the scheduler's entries, in its order: no PCI_BUS_ID reordering of them
+        (("GPU-a",), {"CUDA_VISIBLE_DEVICES": "GPU-a,GPU-b"}, {"CUDA_VISIBLE_DEVICES": "GPU-a"}),
+        (("3",), {"CUDA_VISIBLE_DEVICES": "2,3"}, {"CUDA_VISIBLE_DEVICES": "3"}),
     ],
 )
 def test_gpu_env(devices: tuple[str, ...], environ: dict[str, str], env: dict[str, str]) -> None:
@@ -145,6 +205,10 @@ def test_gpu_env(devices: tuple[str, ...], environ: dict[str, str], env: dict[st
         ((("0",), ("1",)), 2, "GPUs 0 | 1 (1 per worker)"),
         (GROUPS, 2, "GPUs 0,1 | 2,3 (2 per worker)"),
         (GROUPS, 4, "GPUs 0,1 | 2,3 (2 per worker, 4 workers share 2 group(s))"),
+        (GROUPS, 1, "GPUs 0,1 | 2,3 (2 per worker; 1 worker(s) for 2 groups: GPUs 2,3 stay "
+                    "unused)"),
+        ((("0",), ("1",), ("2",)), 1, "GPUs 0 | 1 | 2 (1 per worker; 1 worker(s) for 3 groups: "
+                                      "GPUs 1 | 2 stay unused)"),
         ((), 3, ""),
     ],
 )
@@ -201,6 +265,51 @@ def test_oom_reason_never_imports_torch() -> None:
         import torch
 
         assert gpus.oom_reason(torch.OutOfMemoryError("x")) == REASON_GPU_MEMORY
+
+
+class _TorchOom(RuntimeError):
+    pass
+
+
+class _CupyOom(MemoryError):  # CuPy's derives from MemoryError: GPU memory all the same
+    pass
+
+
+class _ArrayMemoryError(MemoryError):
+    pass
+
+
+class _Quota(MemoryError):  # a user's own subclass, raised for another reason
+    pass
+
+
+class _Mod:
+    def __init__(self, **attrs: object) -> None:
+        self.__dict__.update(attrs)
+
+
+FAKE_MODULES = {
+    "torch": _Mod(OutOfMemoryError=_TorchOom),
+    "torch.cuda": _Mod(OutOfMemoryError=_TorchOom),
+    "cupy.cuda.memory": _Mod(OutOfMemoryError=_CupyOom),
+    "numpy._core._exceptions": _Mod(_ArrayMemoryError=_ArrayMemoryError),
+}
+
+
+@pytest.mark.parametrize(
+    ("exc", "modules", "reason"),
+    [
+        (MemoryError("x"), {}, "memory"),
+        (_TorchOom("CUDA out of memory"), FAKE_MODULES, REASON_GPU_MEMORY),
+        (_CupyOom("out of memory allocating"), FAKE_MODULES, REASON_GPU_MEMORY),
+        (_CupyOom("x"), {}, None),  # cupy not imported: a MemoryError subclass, not ours
+        (_ArrayMemoryError("x"), FAKE_MODULES, "memory"),
+        (_Quota("API quota exceeded"), FAKE_MODULES, None),
+        (RuntimeError("CUDA out of memory"), FAKE_MODULES, None),  # only the real class
+    ],
+)
+def test_oom_reason(exc: BaseException, modules: dict[str, object], reason: str | None) -> None:
+    assert gpus.oom_reason(exc, modules) == reason
 
 
 # -- pure: the supervisor's decision on GPU memory ----------------------------------------------
@@ -330,6 +439,18 @@ def test_more_workers_than_gpus_share_them(tmp_path: Path, study_name: str) -> N
         assert t.user_attrs["probe.devices"] == str(index % 2)
 
 
+def test_fewer_workers_than_groups_say_which_gpus_stay_unused(
+    tmp_path: Path, study_name: str
+) -> None:
+    _needs_unvalidated(2)
+    result = _run(
+        tmp_path, study_name, "gpu_probe.py:env", "--n-trials", "1", "--gpus", "0,1,2",
+        "--workers", "1",
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    assert "1 worker(s) for 3 groups: GPUs 1 | 2 stay unused" in result.stdout.splitlines()[0]
+
+
 def test_gpus_all_takes_the_inherited_devices(tmp_path: Path, study_name: str) -> None:
     """Under a scheduler that set CUDA_VISIBLE_DEVICES, ``all`` means its share."""
     result = _run(
@@ -340,6 +461,53 @@ def test_gpus_all_takes_the_inherited_devices(tmp_path: Path, study_name: str) -
     assert "2 worker(s)" in result.stdout
     devices = {t.user_attrs["probe.devices"] for t in load_trials(sqlite_url(tmp_path), study_name)}
     assert devices <= {"GPU-aaaa", "GPU-bbbb"} and devices
+    orders = {t.user_attrs["probe.order"] for t in load_trials(sqlite_url(tmp_path), study_name)}
+    assert orders == {None}  # the scheduler's entries: not reordered
+
+
+def test_gpus_are_positions_in_the_inherited_allocation(tmp_path: Path, study_name: str) -> None:
+    """Under a scheduler's CUDA_VISIBLE_DEVICES=2,3, ``--gpus 0,1`` is its 2 and 3 (never the
+    machine's 0 and 1), without CUDA_DEVICE_ORDER; an index past it is refused."""
+    result = _run(
+        tmp_path, study_name, "gpu_probe.py:env", "--n-trials", "4", "--gpus", "0,1",
+        env={"CUDA_VISIBLE_DEVICES": "2,3"},
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    assert "GPUs 2 | 3 (1 per worker)" in result.stdout.splitlines()[0]
+    trials = load_trials(sqlite_url(tmp_path), study_name)
+    for t in trials:
+        index = t.user_attrs["probe.worker"].split(".")[0]
+        assert t.user_attrs["probe.devices"] == {"0": "2", "1": "3"}[index]
+        assert t.user_attrs["probe.order"] is None
+
+    out = tmp_path / "out"
+    out.mkdir()
+    refused = _run(
+        out, study_name, "gpu_probe.py:env", "--gpus", "1,2", env={"CUDA_VISIBLE_DEVICES": "2,3"}
+    )
+    assert "--gpus: GPU 2 is outside the inherited CUDA_VISIBLE_DEVICES='2,3'" in (
+        one_error_line(refused)
+    )
+    assert list(out.iterdir()) == []  # nothing created
+
+
+@pytest.mark.parametrize("value", ["", "-1", "NoDevFiles"])
+def test_gpus_all_is_refused_when_no_gpu_is_allocated(
+    tmp_path: Path, study_name: str, value: str
+) -> None:
+    result = _run(
+        tmp_path, study_name, "gpu_probe.py:env", "--gpus", "all",
+        env={"CUDA_VISIBLE_DEVICES": value},
+    )  # fmt: skip
+    assert f"--gpus: the inherited CUDA_VISIBLE_DEVICES={value!r} allocates no GPU" in (
+        one_error_line(result)
+    )
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_unicode_digits_are_refused(tmp_path: Path, study_name: str) -> None:
+    result = _run(tmp_path, study_name, "gpu_probe.py:env", "--gpus", "\u00b2")
+    assert "--gpus: expected GPU indices like 0,1,2,3 or all" in one_error_line(result)
 
 
 def test_without_gpus_the_environment_is_untouched(tmp_path: Path, study_name: str) -> None:
@@ -393,12 +561,13 @@ def test_a_gpu_that_is_not_there_is_refused_when_nvml_can_tell(
     assert not (tmp_path / "optguard.db").exists()
 
 
-def test_gpus_all_without_nvml_is_refused(tmp_path: Path, study_name: str) -> None:
+def test_gpus_all_without_nvml_is_refused(
+    tmp_path: Path, study_name: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
     if _nvml_count() is not None:
         pytest.skip("NVML can count the GPUs here")
-    result = _run(
-        tmp_path, study_name, "gpu_probe.py:env", "--gpus", "all", env={"CUDA_VISIBLE_DEVICES": ""}
-    )
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
+    result = _run(tmp_path, study_name, "gpu_probe.py:env", "--gpus", "all")
     line = one_error_line(result)
     assert "--gpus all: cannot count the GPUs: " in line and "--gpus 0,1" in line
     assert not (tmp_path / "optguard.db").exists()
@@ -418,6 +587,7 @@ def test_no_torch_and_no_cuda_for_an_objective_without_them(
     assert result.returncode == 0, result.stderr
     trials = load_trials(sqlite_url(tmp_path), study_name)
     assert [t.user_attrs["probe.torch"] for t in trials] == [False] * 3
+    assert [t.user_attrs["probe.torch_end"] for t in trials] == [False] * 3
     assert all("optguard.peak_vram_bytes" not in t.user_attrs for t in trials)
     log = log_text(tmp_path)
     assert re.search(r"Worker started: .* gpus=0 max_vram=50%", log)
@@ -433,6 +603,15 @@ def test_no_torch_and_no_cuda_for_an_objective_without_them(
     trials = load_trials(sqlite_url(tmp_path), study)
     assert [t.state for t in trials] == [TrialState.COMPLETE] * 3
     assert [t.user_attrs["probe.cuda_initialized"] for t in trials] == [False] * 3
+    for t in trials:  # no attempt either: without a GPU one fails and is_initialized() lies
+        assert t.user_attrs["probe.cuda_init_calls_start"] == []
+        assert t.user_attrs["probe.cuda_init_calls_end"] == []
+
+    seen = study + "c"  # the probe does see an initialization: the check above can fail
+    result = _run(tmp_path, seen, "gpu_probe.py:torch_cuda_init", "--n-trials", "1")
+    assert result.returncode == 0, result.stderr
+    (trial,) = load_trials(sqlite_url(tmp_path), seen)
+    assert trial.user_attrs["probe.cuda_init_calls_end"]
 
 
 @pytest.mark.parametrize(
@@ -448,8 +627,8 @@ def test_out_of_memory_errors_are_recorded_as_the_guard_s_own(
 ) -> None:
     if fn == "raises_cuda_oom":
         pytest.importorskip("torch")
-    result = _run(tmp_path, study_name, f"gpu_probe.py:{fn}", "--n-trials", "2")
-    assert result.returncode == 0, result.stderr  # pruned, not failed: no --fail-fast
+    result = _run(tmp_path, study_name, f"gpu_probe.py:{fn}", "--n-trials", "2", "--fail-fast", "0")
+    assert result.returncode == 0, result.stderr  # pruned, not failed
     trials = load_trials(sqlite_url(tmp_path), study_name)
     assert [t.state for t in trials] == [TrialState.PRUNED] * 2
     for t in trials:
@@ -471,6 +650,214 @@ def test_out_of_memory_errors_are_recorded_as_the_guard_s_own(
     again = load_trials(sqlite_url(tmp_path), study_name)
     assert [t.user_attrs.get("optguard.retry_of") for t in again[2:]] == [0, 1]
     assert [t.params for t in again[2:]] == [t.params for t in trials]
+
+
+@pytest.mark.parametrize(
+    ("ended", "fails"),
+    [
+        ([Ended(0, "PRUNED", "MemoryError: x", "oom")] * 3, True),
+        ([Ended(0, "PRUNED", "MemoryError: x", "oom")] * 2 + [Ended(2, "FAIL", "MemoryError: x")],
+         True),
+        ([Ended(0, "PRUNED", None, "check")] * 3, False),  # the guard's own limit: not a failure
+        ([Ended(0, "PRUNED", "MemoryError: x", "oom")] * 2 + [Ended(2, "COMPLETE")], False),
+    ],
+)
+def test_fail_fast_counts_out_of_memory_ends(ended: list[Ended], fails: bool) -> None:
+    assert (fail_fast_error(ended, 3, "see log") is not None) is fails
+
+
+def test_fail_fast_stops_a_study_whose_every_trial_runs_out_of_memory(
+    tmp_path: Path, study_name: str
+) -> None:
+    result = _run(tmp_path, study_name, "gpu_probe.py:raises_memory_error", "--n-trials", "20")
+    assert result.returncode == 5, result.stderr
+    assert "the first 3 trials all failed with: MemoryError: cannot allocate 20 GB" in (
+        result.stderr
+    )
+    assert len(load_trials(sqlite_url(tmp_path), study_name)) < 20
+
+
+def test_a_memory_error_subclass_of_the_user_s_own_fails_the_trial(
+    tmp_path: Path, study_name: str
+) -> None:
+    """A quota error that derives from MemoryError is the objective's error; numpy's failed
+    allocation is an out-of-memory end."""
+    result = _run(
+        tmp_path, study_name, "gpu_probe.py:raises_quota", "--n-trials", "1", "--fail-fast", "0"
+    )
+    assert result.returncode == 0, result.stderr
+    (trial,) = load_trials(sqlite_url(tmp_path), study_name)
+    assert trial.state == TrialState.FAIL
+    assert "optguard.reason" not in trial.user_attrs
+    assert "QuotaExceeded: API quota exceeded" in trial.user_attrs["optguard.error"]
+
+    pytest.importorskip("numpy")
+    study = study_name + "n"
+    result = _run(tmp_path, study, "gpu_probe.py:numpy_oom", "--n-trials", "1", "--fail-fast", "0")
+    assert result.returncode == 0, result.stderr
+    (trial,) = load_trials(sqlite_url(tmp_path), study)
+    assert trial.state == TrialState.PRUNED
+    assert trial.user_attrs["optguard.reason"] == "memory"
+    assert trial.user_attrs["optguard.enforcement"] == "oom"
+
+
+def test_reports_say_ran_out_of_memory_not_over_the_limit(tmp_path: Path, study_name: str) -> None:
+    """An out-of-memory end crossed no limit: neither report may say it went over one."""
+    result = _run(
+        tmp_path, study_name, "gpu_probe.py:raises_memory_error", "--n-trials", "2",
+        "--fail-fast", "0", "--max-rss", "12GB",
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    page = tmp_path / "r.html"
+    report = run_cli("report", "--study", study_name, "--html", str(page), cwd=tmp_path)
+    assert report.returncode == 0, report.stderr
+    html = page.read_text()
+    assert "ran out of memory (the objective&#x27;s allocation failed)" in html or (
+        "ran out of memory (the objective's allocation failed)" in html
+    )
+    assert "went over the memory limit" not in html
+    assert "ran out of memory (recorded by the guard)" in html
+    assert "memory (2 ran out of memory)" in report.stdout
+
+
+@pytest.mark.parametrize(
+    ("point", "words"),
+    [
+        ({"reason": "gpu_memory", "peak_vram_mb": 2100.0},
+         "went over the GPU memory limit of 2 GB, and the guard ended it (state pruned): "
+         '<a href="#trial-0">#0</a>. Peak GPU memory reached up to 2.1 GB.'),
+        ({"reason": "gpu_memory", "enforcement": "oom"}, "ran out of GPU memory"),
+        ({"reason": "memory", "enforcement": "oom"}, "ran out of memory"),
+        ({"reason": "memory", "enforcement": "check"}, "went over the memory limit of 12 GB"),
+    ],
+)
+def test_html_guard_sentences_for_gpu_memory_and_oom(point: dict[str, object], words: str) -> None:
+    from optguard.report_html import OUTCOMES, _guard_sentences, outcome
+
+    p = {"trial": 0, "state": "PRUNED", "duration_s": 1.0, "peak_mb": 10.0, **point}
+    report = {"points": [p], "limits": {"max_vram_bytes": 2 * GB}, "hard_kills": 0}
+    (sentence, *_) = _guard_sentences(report, 12000.0, None)
+    assert words in sentence
+    assert outcome(p) in OUTCOMES and outcome(p) != "other_reason"
+
+
+FAKES = Path(__file__).parent / "fakes"  # pynvml standing in for a GPU this machine lacks
+
+
+def _fake_nvml_env(**extra: str) -> dict[str, str]:
+    import os
+
+    path = os.pathsep.join(filter(None, [str(FAKES), os.environ.get("PYTHONPATH", "")]))
+    return {"PYTHONPATH": path, **extra}
+
+
+def test_the_supervisor_enforces_max_vram_from_outside(tmp_path: Path, study_name: str) -> None:
+    """An objective that never reports is still ended on GPU memory: by the supervisor, from
+    NVML's per-process figures (here the fake NVML's)."""
+    result = _run(
+        tmp_path, study_name, "gpu_probe.py:holds_memory", "--n-trials", "1", "--gpus", "0",
+        "--max-vram", "600MB", "--max-rss", "8GB", "--timeout", "60",
+        env=_fake_nvml_env(),
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    (trial,) = load_trials(sqlite_url(tmp_path), study_name)
+    assert trial.state == TrialState.PRUNED
+    assert trial.user_attrs["optguard.reason"] == "gpu_memory"
+    assert trial.user_attrs["optguard.enforcement"] in ("interrupt", "hard_kill")
+    assert trial.user_attrs["optguard.limit_bytes"] == 600 * MB
+    assert trial.user_attrs["optguard.peak_vram_bytes"] > 600 * MB
+    phrase = r"GPU memory limit exceeded: [\d.]+ ?[MG]B \(limit 600 ?MB\)"
+    assert re.search(phrase, log_text(tmp_path))
+
+
+@pytest.mark.parametrize(
+    ("limits", "why", "words"),
+    [
+        (Limits(max_vram_bytes=GB), "NVML unavailable (no driver)",
+         "not enforced from outside the workers: NVML unavailable (no driver)"),
+        (Limits(max_vram_percent=50.0), "nvidia-ml-py not installed",
+         "and 50% only once torch knows the GPUs' totals"),
+        (Limits(max_vram_bytes=GB), "", None),  # NVML watches
+        (Limits(), "NVML unavailable (no driver)", None),  # nothing to watch
+    ],
+)
+def test_unwatched_warning(limits: Limits, why: str, words: str | None) -> None:
+    warning = gpus.unwatched_warning(limits, why)
+    assert warning is None if words is None else words in str(warning)
+
+
+def test_max_vram_unwatched_is_said_at_start(
+    tmp_path: Path, study_name: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    if _nvml_count() is not None:
+        pytest.skip("NVML can watch here")
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
+    result = _run(
+        tmp_path, study_name, "gpu_probe.py:env", "--n-trials", "1", "--max-vram", "1GB"
+    )
+    assert result.returncode == 0, result.stderr
+    warnings = [line for line in result.stdout.splitlines() if "--max-vram" in line]
+    assert len(warnings) == 1, result.stdout
+    assert warnings[0].startswith(
+        f"optguard: warning: --max-vram is not enforced from outside the workers: "
+        f"{gpus.nvml_unavailable()}"
+    )
+    assert re.search(r"WARNING .*--max-vram is not enforced from outside", log_text(tmp_path))
+
+
+def test_a_percent_nvml_cannot_resolve_is_refused(tmp_path: Path, study_name: str) -> None:
+    """NVML is there (the fake) but does not know the inherited UUID: 50% of nothing."""
+    result = _run(
+        tmp_path, study_name, "gpu_probe.py:env", "--gpus", "all", "--max-vram", "50%",
+        env=_fake_nvml_env(CUDA_VISIBLE_DEVICES="GPU-aaaa"),
+    )  # fmt: skip
+    assert "--max-vram 50%: NVML does not know the memory of the GPUs (GPU-aaaa)" in (
+        one_error_line(result)
+    )
+    assert not (tmp_path / "optguard.db").exists() and not (tmp_path / "logs").exists()
+
+
+def test_visible_totals_without_nvml_creates_no_cuda_context(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """torch's device properties, not ``mem_get_info`` (a context on every device)."""
+
+    class _Cuda:
+        def is_initialized(self) -> bool:
+            return True
+
+        def device_count(self) -> int:
+            return 2
+
+        def get_device_properties(self, device: int) -> object:
+            return _Mod(total_memory=(device + 1) * GB)
+
+        def mem_get_info(self, device: int) -> tuple[int, int]:
+            raise AssertionError(f"a CUDA context created on device {device}")
+
+    monkeypatch.setattr(gpus, "nvml", lambda: None)
+    monkeypatch.setitem(__import__("sys").modules, "torch", _Mod(cuda=_Cuda()))
+    assert gpus.visible_totals() == [GB, 2 * GB]
+
+
+def test_the_worker_command_ignores_gpus_in_a_config_file(tmp_path: Path, study_name: str) -> None:
+    """``gpus`` is shared out by ``run``: a lone worker says it ignores it, then works."""
+    config = tmp_path / "run.toml"
+    config.write_text('gpus = "all"\ngpus_per_worker = 2\n')
+    optuna.create_study(study_name=study_name, storage=sqlite_url(tmp_path))
+    result = run_cli(
+        "worker", "--study", study_name, "--objective", objective("gpu_probe.py:env"),
+        "--storage", sqlite_url(tmp_path), "--n-trials", "1", "--config", str(config),
+        cwd=tmp_path, env={"CUDA_VISIBLE_DEVICES": "GPU-aaaa"},
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    assert (
+        f"optguard: warning: gpus, gpus_per_worker (in {config}) applies to `optguard run` only"
+        in result.stderr
+    )
+    (trial,) = load_trials(sqlite_url(tmp_path), study_name)
+    assert trial.state == TrialState.COMPLETE
+    assert trial.user_attrs["probe.devices"] == "GPU-aaaa"  # its own, untouched
 
 
 # -- with a GPU ---------------------------------------------------------------------------------

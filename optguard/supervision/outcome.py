@@ -22,7 +22,13 @@ class Ended:
     number: int
     state: str  # COMPLETE, PRUNED, FAIL
     error: str | None = None
-    enforcement: str | None = None  # check, interrupt, hard_kill: the step that ended it
+    enforcement: str | None = None  # check, interrupt, hard_kill, oom: the step that ended it
+
+    @property
+    def failed(self) -> bool:
+        """A failure for ``--fail-fast``: FAIL, or PRUNED because the objective ran out of
+        memory (recorded as the guard's own, but a study whose every trial does is broken)."""
+        return self.state == "FAIL" or self.enforcement == "oom"
 
 
 def fail_fast_error(first: list[Ended], n: int, log_hint: str) -> OptguardError | None:
@@ -34,8 +40,8 @@ def fail_fast_error(first: list[Ended], n: int, log_hint: str) -> OptguardError 
     """
     if n <= 0 or len(first) < n:
         return None
-    errors = {e.error for e in first[:n] if e.state == "FAIL"}
-    if len(errors) != 1 or sum(e.state == "FAIL" for e in first[:n]) < n:
+    errors = {e.error for e in first[:n] if e.failed}
+    if len(errors) != 1 or sum(e.failed for e in first[:n]) < n:
         return None
     (error,) = errors
     return StudyFailedError(

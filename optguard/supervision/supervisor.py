@@ -284,6 +284,8 @@ class _Supervisor:
             return
         limits = self.opts.limits
         value = {"timeout_s": limits.timeout_s, "max_rss_bytes": limits.max_rss_bytes}
+        if limits.max_vram_bytes is not None:  # the report's GPU sentence names it
+            value["max_vram_bytes"] = limits.max_vram_bytes
         self.limits_written = self.outage.poll(
             lambda: self.storage.set_study_user_attr(self.study_id, LIMITS_ATTR, value) or True,
             False,  # the storage is down: written at a later trial's start
@@ -850,6 +852,9 @@ class _Supervisor:
         check_run_inputs(self.opts)  # before the storage is touched: bad input changes nothing
         groups = gpus.run_groups(self.opts.gpus, self.opts.gpus_per_worker)
         self.opts = replace(self.opts, limits=gpus.resolve_vram_limit(self.opts.limits, groups))
+        unwatched = gpus.unwatched_warning(self.opts.limits, gpus.nvml_unavailable())
+        if unwatched is not None and self.on_notice is not None:
+            self.on_notice(unwatched)
         self.url, self.storage, self.study, self.study_id, recovery, directions = prepare_study(
             self.opts
         )
