@@ -214,11 +214,10 @@ def test_a_node_killed_mid_trial_leaves_nothing_running_and_a_rerun_retries(
         for proc in tree:  # the URL reached them through the environment and a pipe only
             assert "sqlite" not in " ".join(proc.cmdline())
         a_tags = {f"{os.uname().nodename}:{p.pid}" for p in root.children()}
-        killed_at = time.monotonic()
         _scheduler_kill(a, GRACE_S)
         a.communicate(timeout=10)
+        # 130, not -9: it ended on its own within the grace, before the scheduler's SIGKILL
         assert a.returncode == 130, "node A did not exit on its own within the grace"
-        assert time.monotonic() - killed_at < 15  # well within Slurm's default KillWait (30 s)
         _, err = b.communicate(timeout=120)
         assert b.returncode == 0, err  # the others finish the study: its total is exact
     finally:
