@@ -58,13 +58,20 @@ def open_store(directory: str | os.PathLike[str]) -> "FileSystemArtifactStore":
 
 
 def record_artifact(
-    storage: Any, trial_id: int, artifact_id: str, filename: str, mimetype: str
+    storage: Any,
+    trial_id: int,
+    artifact_id: str,
+    filename: str,
+    mimetype: str,
+    key: str | None = None,
 ) -> None:
     """Record on a RUNNING trial an artifact already written to the store, as
     ``optuna.artifacts.upload_artifact`` records one (``ArtifactMeta``'s fields, what
     optuna-dashboard reads). That function records first and writes second; written first,
-    no record ever points at a missing or partial file."""
+    no record ever points at a missing or partial file. ``key``: the system attribute
+    (``artifacts:<id>`` by default; the checkpoint store reuses a fixed set of its own)."""
     meta = {
         "artifact_id": artifact_id, "filename": filename, "mimetype": mimetype, "encoding": None
     }
-    storage.set_trial_system_attr(trial_id, ARTIFACTS_ATTR_PREFIX + artifact_id, json.dumps(meta))
+    key = key if key is not None else ARTIFACTS_ATTR_PREFIX + artifact_id
+    storage.set_trial_system_attr(trial_id, key, json.dumps(meta))

@@ -24,7 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, TYPE_CHECKING, Any, Callable, Iterable, TypeVar
 
-from optguard.artifacts import ARTIFACTS_ATTR_PREFIX
+from optguard.artifacts import ARTIFACTS_ATTR_PREFIX, record_artifact
 from optguard.checkpointing import atomic_write, original_number
 from optguard.errors import CheckpointError, StorageError, UsageError
 
@@ -286,17 +286,15 @@ class ArtifactCheckpoints:
                 f"saved step {step} in {directory} but cannot upload it to the artifact store "
                 f"{self.where}: {exc.strerror or exc}"
             ) from None
-        # optuna's ArtifactMeta, as upload_artifact records it: what optuna-dashboard lists
-        meta: dict[str, str | None] = {"artifact_id": artifact_id, "filename": name}
-        meta.update(mimetype=MIMETYPE, encoding=None)
         try:
             own = self._own()
             slot = self._slot(own, step, slots)
             self._call(
                 f"record step {step} of trial {self.number}",
-                lambda: self.storage.set_trial_system_attr(
-                    self.trial_id, record_key(self.trial_id, slot), json.dumps(meta)
-                ),
+                lambda: record_artifact(
+                    self.storage, self.trial_id, artifact_id, name, MIMETYPE,
+                    key=record_key(self.trial_id, slot),
+                ),  # fmt: skip
             )
         except UpdateFinishedTrialError:
             self._discard(artifact_id)

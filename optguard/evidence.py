@@ -23,7 +23,7 @@ if TYPE_CHECKING:
 
     from optguard.limits import Limits
 
-__all__ = ["attach_evidence", "trial_log_lines", "MAX_LOG_BYTES"]
+__all__ = ["attach_evidence", "store_evidence", "trial_log_lines", "MAX_LOG_BYTES"]
 
 MAX_LOG_BYTES = 1 << 20  # of the worker's log read for one trial's lines
 MAX_LINES = 1000  # the last ones kept
@@ -115,3 +115,32 @@ def attach_evidence(
         record_artifact(storage, trial._trial_id, artifact_id, name, _MIME[Path(name).suffix])
         attached += 1
     return attached
+
+
+def store_evidence(
+    directory: Path,
+    storage: "optuna.storages.BaseStorage | None",
+    trial: "optuna.trial.Trial | optuna.trial.FrozenTrial",
+    points: list[tuple[float, int]],
+    limits: "Limits",
+    lines: list[str],
+    log: logging.Logger,
+) -> Exception | None:
+    """``attach_evidence`` to the store in ``directory``, best effort, for whoever finishes
+    the trial: returns what kept the evidence from being stored (the caller logs it), else
+    ``None``. A storage error propagates as from any other write, and so does
+    ``UpdateFinishedTrialError`` (the trial was finished meanwhile: the caller's concern)."""
+    from optuna.exceptions import UpdateFinishedTrialError
+
+    from optguard.artifacts import open_store
+    from optguard.outage import is_storage_error
+
+    try:
+        attach_evidence(open_store(directory), storage, trial, points, limits, lines, log)
+    except UpdateFinishedTrialError:
+        raise
+    except Exception as exc:
+        if is_storage_error(exc):
+            raise
+        return exc  # a store that cannot be created, an odd log: the evidence only is lost
+    return None

@@ -30,7 +30,7 @@ from optuna.trial import TrialState
 
 from optguard import channel, gpus, leftovers, proctree
 from optguard import guard as guard_mod
-from optguard.artifacts import ARTIFACT_DIR_ENV, CHECKPOINT_STORE_ENV, artifact_dir, open_store
+from optguard.artifacts import ARTIFACT_DIR_ENV, CHECKPOINT_STORE_ENV, artifact_dir
 from optguard.checkpointing import (
     CHECKPOINT_DIR_ENV,
     clear_interrupt_callbacks,
@@ -594,8 +594,7 @@ class _TrialRunner:
         """The trial's memory timeline and its log lines, as artifacts of the trial
         (``optguard.evidence``). Best effort: only a storage error propagates (as from any
         write); a trial reaped meanwhile is left to the tell that follows."""
-        from optguard.evidence import attach_evidence, trial_log_lines
-        from optguard.outage import is_storage_error
+        from optguard.evidence import store_evidence, trial_log_lines
 
         points = read_spool(spool_path(self.log_path), trial._trial_id, evidence.started)
         points = sorted(points + evidence.samples())
@@ -603,15 +602,14 @@ class _TrialRunner:
             points = [(evidence.duration, evidence.peak)]  # nothing sampled: the peak, at the end
         lines = trial_log_lines(self.log_path, trial.number, self.log_offset)
         try:
-            store = open_store(self.artifact_dir)  # type: ignore[arg-type]
-            attach_evidence(store, None, trial, points, self.opts.limits, lines, self.log)
+            why = store_evidence(
+                self.artifact_dir,  # type: ignore[arg-type]
+                None, trial, points, self.opts.limits, lines, self.log,
+            )  # fmt: skip
         except UpdateFinishedTrialError:
             return  # reaped by another host meanwhile: _finish's tell says so
-        except Exception as exc:
-            if is_storage_error(exc):
-                raise
-            # anything else (a store that cannot be created, an odd log) costs the evidence only
-            self.log.warning("Trial #%d: evidence not stored: %s", trial.number, error_line(exc))
+        if why is not None:
+            self.log.warning("Trial #%d: evidence not stored: %s", trial.number, error_line(why))
 
     def set_attrs(
         self, trial: optuna.trial.Trial, attrs: dict[str, Any], closing: bool = False

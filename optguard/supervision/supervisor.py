@@ -33,7 +33,7 @@ from typing import Any
 import psutil
 
 from optguard import channel, gpus, proctree
-from optguard.artifacts import artifact_dir, open_store
+from optguard.artifacts import artifact_dir
 from optguard.config import RunOptions
 from optguard.control import read_request, set_request
 from optguard.early_stopping import patience_error, study_plateaued
@@ -46,7 +46,7 @@ from optguard.errors import (
 )
 from optguard.guard import REASON_MEMORY, REASON_SYSTEM_MEMORY, Violation
 from optguard.liveness import Proc, parse_owner, probe_trial
-from optguard.outage import is_storage_error, outage_of
+from optguard.outage import outage_of
 from optguard.preflight import check_run_inputs
 from optguard.progress import Progress, read_progress
 from optguard.recovery import Recovery, mark_interrupted, reap_stale, recover
@@ -583,27 +583,23 @@ class _Supervisor:
         (``optguard.evidence``): every such trial was ended by the guard or lost a worker."""
         if self.evidence_dir is None:
             return
-        from optuna.exceptions import UpdateFinishedTrialError
-
-        from optguard.evidence import attach_evidence, trial_log_lines
+        from optguard.evidence import store_evidence, trial_log_lines
 
         points = watched.timeline.snapshot() if watched is not None else []
         why = attrs.get("error") or attrs.get("reason", "")
         lines = trial_log_lines(worker.log_path, trial.number) + [
             f"(supervisor) trial={trial.number} marked {state.name}: {why}"
         ]
-        try:
-            store = open_store(self.evidence_dir)
-            attach_evidence(  # its warnings go to the worker's log, beside the trial's lines
-                store, self.storage, trial, points, self.opts.limits, lines, worker.log
-            )
-        except Exception as exc:
-            if is_storage_error(exc) or isinstance(exc, UpdateFinishedTrialError):
-                raise  # an outage (polled), or the worker told the trial just before it died
-            # anything else costs the evidence only: the trial must still be marked
+        # Storage errors (an outage, polled) and UpdateFinishedTrialError (the worker told the
+        # trial just before it died) propagate; anything else costs the evidence only, and the
+        # trial is still marked. Warnings go to the worker's log, beside the trial's lines.
+        why = store_evidence(
+            self.evidence_dir, self.storage, trial, points, self.opts.limits, lines, worker.log
+        )
+        if why is not None:
             self._log(
                 worker, logging.WARNING, trial.number,
-                f"Trial #{trial.number}: evidence not stored: {exc}",
+                f"Trial #{trial.number}: evidence not stored: {why}",
             )  # fmt: skip
         drop_spool(spool_path(worker.log_path))
 
