@@ -9,19 +9,27 @@ the storage's own calls, which ride out an outage (``optguard.storage.open_stora
 from __future__ import annotations
 
 import time
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Mapping
 
 if TYPE_CHECKING:
     import optuna
 
-__all__ = ["ACTIONS", "CONTROL_ATTR", "read_request", "request", "set_request", "clear_request"]
+__all__ = [
+    "ACTIONS", "CONTROL_ATTR", "read_request", "request", "request_in", "set_request",
+    "clear_request",
+]
 
 ACTIONS = ("stop", "cancel")
 CONTROL_ATTR = "optguard.control"
 
 
 def read_request(storage: "optuna.storages.BaseStorage", study_id: int) -> str | None:
-    value: Any = storage.get_study_user_attrs(study_id).get(CONTROL_ATTR)
+    return request_in(storage.get_study_user_attrs(study_id))
+
+
+def request_in(attrs: Mapping[str, Any]) -> str | None:
+    """The pending action in the study's user attributes ``attrs``, if any."""
+    value: Any = attrs.get(CONTROL_ATTR)
     action = value.get("action") if isinstance(value, dict) else None
     return action if action in ACTIONS else None
 

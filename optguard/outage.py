@@ -28,6 +28,7 @@ __all__ = [
     "is_storage_error",
     "is_transient",
     "outage_of",
+    "waiting_with",
 ]
 
 T = TypeVar("T")
@@ -92,6 +93,21 @@ PG_TRANSIENT_STATES = ("08", "57P01", "57P02", "57P03", "40001", "40P01")
 MYSQL_TRANSIENT_CODES = frozenset({1053, 1205, 1213, 1927, 2002, 2003, 2006, 2013, 2055})
 
 _log = logging.getLogger("optguard.outage")
+_pauses = threading.local()  # .wait: this thread's wait between attempts (``waiting_with``)
+
+
+@contextlib.contextmanager
+def waiting_with(wait: Callable[[float], None]) -> Iterator[None]:
+    """In this thread, the waits between an outage's attempts are ``wait(seconds)`` rather
+    than a sleep: the gateway listens to the worker whose call it retries meanwhile, and
+    abandons the call (``wait`` raises) when the worker gives up on it."""
+    previous = getattr(_pauses, "wait", None)
+    _pauses.wait = wait
+    try:
+        yield
+    finally:
+        _pauses.wait = previous
+
 
 
 def causes(exc: BaseException) -> list[BaseException]:
@@ -254,7 +270,7 @@ class Outage:
                     mask_url(self.url), describe(exc, self.url), self.bound_s,
                 )  # fmt: skip
             with between_attempts():  # an interrupt is not held for the whole outage
-                time.sleep(min(delay, self.bound_s - waited))
+                (getattr(_pauses, "wait", None) or time.sleep)(min(delay, self.bound_s - waited))
             delay = min(2 * delay, BACKOFF_MAX_S)
             if on_retry is not None:
                 on_retry()

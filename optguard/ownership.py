@@ -23,10 +23,10 @@ from optguard.storage import rdb_backend
 if TYPE_CHECKING:
     import optuna
 
-__all__ = ["ask_owned"]
+__all__ = ["adopt", "ask_owned", "claim_row"]
 
 
-def _claim_row(
+def claim_row(
     backend: Any, study_id: int, attrs: dict[str, Any], n_trials: int | None
 ) -> tuple[int, Any] | None:
     """In one transaction: the oldest WAITING trial set RUNNING, else a new RUNNING trial
@@ -92,20 +92,24 @@ def ask_owned(
     attributes ``attrs`` (the owner) written in the same transaction that makes it RUNNING;
     ``None`` once the study has ``n_trials`` and nothing is enqueued. Not retried here: the
     caller retries the whole claim through an outage (``TrialSlots.claim``)."""
-    import optuna
-    from optuna.storages._cached_storage import _CachedStorage, _StudyInfo
-
     backend = rdb_backend(study._storage)
     if backend is None:
         return _ask_owned_elsewhere(study, attrs, n_trials)
+    claimed = claim_row(backend, study._study_id, attrs, n_trials)
+    return None if claimed is None else adopt(study, *claimed)
+
+
+def adopt(study: optuna.Study, trial_id: int, frozen: Any) -> optuna.trial.Trial:
+    """The claimed trial ``trial_id`` as ``study.ask()`` returns it, its cache told as
+    ``study.ask()`` tells it: ``frozen`` is the new trial, ``None`` for a popped (or found)
+    one, which the cache reads from the storage. The claim may have run in another process
+    (``optguard.gateway``)."""
+    import optuna
+    from optuna.storages._cached_storage import _CachedStorage, _StudyInfo
+
     study._thread_local.cached_all_trials = None
-    claimed = _claim_row(backend, study._study_id, attrs, n_trials)
-    if claimed is None:
-        return None
-    trial_id, frozen = claimed
     cache = study._storage
     if frozen is None or not isinstance(cache, _CachedStorage):
-        # a popped trial: the cache learns it from the storage, as in study.ask()
         study._storage.get_all_trials(study._study_id, deepcopy=False)
     else:
         with cache._lock:  # as _CachedStorage.create_new_trial does with its new trial

@@ -9,9 +9,10 @@ from __future__ import annotations
 
 import json
 import math
-from collections import Counter
+import time
+from collections import Counter, deque
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Iterable, Sequence
 
 from optguard.outage import outage_of
 from optguard.sqlite import reading
@@ -21,11 +22,13 @@ if TYPE_CHECKING:
     import optuna
 
 __all__ = [
-    "Progress", "read_progress", "count_trials", "pareto_front_size", "feasible",
-    "feasible_trial",
+    "Progress", "ProgressReader", "read_progress", "count_trials", "pareto_front_size",
+    "feasible", "feasible_trial",
 ]  # fmt: skip
 
 FINISHED = ("COMPLETE", "PRUNED", "FAIL")
+IN_CHUNK = 500  # ids per ``IN (...)`` list: well under SQLite's bound-parameter limit
+COMMIT_GRACE_S = 10.0  # a trial id seen this long ago is taken as settled (ProgressReader)
 REASON = "optguard.reason"
 CONSTRAINTS_KEY = "constraints"  # Optuna's system attribute: "constraints" (a list, old) or
 # "constraints:<name>" (trial.set_constraint, Optuna 5); feasible when every value is <= 0
@@ -185,6 +188,241 @@ def read_progress(storage: "optuna.storages.RDBStorage", study_id: int) -> Progr
         n_objectives=len(directions),
         pareto_front=front,
     )
+
+
+class ProgressReader:
+    """``read_progress`` for a loop that polls one study: the same ``Progress``, but each
+    ``read()`` asks the database only about trials it has not yet seen finished.
+
+    Why: ``read_progress`` aggregates over every trial of the study, so N supervisors polling
+    a study of T trials scan N*T rows a second. A finished trial (COMPLETE, PRUNED, FAIL)
+    never changes again (Optuna refuses to update it, and its values, constraints and
+    optguard's reason are written before or with its final state), so its state, reason,
+    value and feasibility are folded into running totals once; each read then fetches only
+    the study's trials above a settled id (new ones) plus those it last saw RUNNING or
+    WAITING, by primary key: O(new + unfinished) rows, whatever the number of finished.
+
+    Out-of-order ids: every writer that creates a trial (Optuna's ``_create_new_trial``,
+    optguard's claim and ``_create_trial_once``) holds the study row ``FOR UPDATE`` from
+    before the id is drawn until the commit, so one study's ids commit in id order, and
+    SQLite has one writer. As a safety net for a writer that does not lock, ids seen in the
+    last ``grace_s`` are read again (by primary-key range; rows already folded are skipped),
+    so a lower id committed up to ``grace_s`` after a higher one is still counted. The first
+    read of a reader is one pass over the study and counts as settled at once.
+
+    Not thread-safe: one reader per polling loop. A journal file (no SQL) is read as
+    ``read_progress`` reads it: Optuna's journal already reads only what was appended.
+    """
+
+    def __init__(
+        self,
+        storage: "optuna.storages.BaseStorage",
+        study_id: int,
+        grace_s: float = COMMIT_GRACE_S,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.storage = storage
+        self.study_id = study_id
+        self.grace_s = grace_s
+        self.clock = clock
+        self.last_rows = 0  # rows the last read() fetched, all statements together
+        self.last_statements = 0
+        self._maximize: list[bool] | None = None
+        self._tops: deque[tuple[float, int]] = deque()  # (read time, highest id seen)
+        self._settled: int | None = None  # ids <= this were seen in a read grace_s ago
+        self._top: int | None = None  # highest trial id of the study seen
+        self._pending: set[int] = set()  # ids last seen RUNNING or WAITING
+        self._folded: set[int] = set()  # finished ids above _settled (may be read again)
+        self._states: Counter[str] = Counter()  # of finished trials
+        self._reasons: Counter[str] = Counter()  # of finished trials
+        self._best: float | None = None
+        self._any_values = False  # a complete trial had values: the front is a number
+        self._front: list[list[float]] = []  # feasible complete points on the Pareto front
+
+    def read(self) -> Progress:
+        if not is_rdb(self.storage):
+            return _progress_of_trials(self.storage, self.study_id)
+        if self._maximize is None:  # a study's directions never change
+            from optuna.study import StudyDirection
+
+            directions = self.storage.get_study_directions(self.study_id)
+            self._maximize = [d == StudyDirection.MAXIMIZE for d in directions]
+        now = self.clock()
+        floor = self._floor(now)
+        old = sorted(i for i in self._pending if floor is None or i <= floor)
+        # the database work, retried whole through an outage: nothing is kept until it is done
+        fetched = outage_of(self.storage).call(lambda: self._fetch(floor, old))
+        return self._fold(now, floor, *fetched)
+
+    def _floor(self, now: float) -> int | None:
+        """The id above which trials are read again: the top of the newest read made at
+        least ``grace_s`` ago (the first read's top at once); ``None`` before any read."""
+        while self._tops and now - self._tops[0][0] >= self.grace_s:
+            self._settled = self._tops.popleft()[1]
+        if self._settled is not None:
+            self._folded = {i for i in self._folded if i > self._settled}
+        return self._settled
+
+    def _fetch(
+        self, floor: int | None, old: list[int]
+    ) -> tuple[list[Any], list[Any], list[Any], list[Any]]:
+        """Trial states first, then the reasons, values and constraints of only the trials
+        that need them, on one connection: O(new + unfinished) rows, a few statements."""
+        from optuna.storages._rdb import models
+        from optuna.trial import TrialState
+        from sqlalchemy import select
+
+        trial = models.TrialModel
+        attr = models.TrialUserAttributeModel
+        value = models.TrialValueModel
+        system = models.TrialSystemAttributeModel
+        ours = trial.study_id == self.study_id
+        n_objectives = len(self._maximize or ())
+        rows_seen = statements = 0
+
+        def run(conn: Any, stmt: Any, old_ids: list[int]) -> list[Any]:
+            nonlocal rows_seen, statements
+            found: list[Any] = []
+            for where in _id_conditions(trial.trial_id, floor, old_ids):
+                part = conn.execute(stmt.where(ours, where)).all()
+                statements += 1
+                rows_seen += len(part)
+                found.extend(part)
+            return found
+
+        with reading(), self.storage.engine.connect() as conn:
+            rows = run(conn, select(trial.trial_id, trial.state), old)
+            # reasons of every trial not folded yet; values and constraints of complete ones
+            need = {i for i, s in rows if i not in self._folded}
+            complete = {i for i, s in rows if s == TrialState.COMPLETE and i not in self._folded}
+            old_need = sorted(i for i in need if floor is not None and i <= floor)
+            old_complete = sorted(i for i in complete if floor is not None and i <= floor)
+            reasons = values = bounds = []
+            if need:
+                reasons = run(
+                    conn,
+                    select(attr.trial_id, attr.value_json)
+                    .join(trial, attr.trial_id == trial.trial_id)
+                    .where(attr.key == REASON),
+                    old_need,
+                )
+            if complete:
+                stmt = select(value.trial_id, value.objective, value.value, value.value_type)
+                stmt = stmt.join(trial, value.trial_id == trial.trial_id)
+                if n_objectives == 1:
+                    stmt = stmt.where(value.objective == 0)
+                values = run(conn, stmt, old_complete)
+                bounds = run(
+                    conn,
+                    select(system.trial_id, system.key, system.value_json)
+                    .join(trial, system.trial_id == trial.trial_id)
+                    .where(system.key.like(CONSTRAINTS_KEY + "%")),
+                    old_complete,
+                )
+        self.last_rows, self.last_statements = rows_seen, statements
+        # rows of trials that appeared after the states were read are not ours to fold yet
+        return (
+            [(int(i), s.name) for i, s in rows],
+            [r for r in reasons if r[0] in need],
+            [r for r in values if r[0] in complete],
+            [r for r in bounds if r[0] in complete],
+        )
+
+    def _fold(
+        self,
+        now: float,
+        floor: int | None,
+        rows: list[tuple[int, str]],
+        reasons: list[Any],
+        values: list[Any],
+        bounds: list[Any],
+    ) -> Progress:
+        """Fold the trials seen finished into the totals; count the unfinished afresh."""
+        from optuna.storages._rdb.models import TrialValueModel
+
+        maximize = self._maximize or [False]
+        reason_of = {int(i): str(json.loads(v)) for i, v in reasons}
+        states: Counter[str] = Counter()
+        open_reasons: Counter[str] = Counter()
+        pending: set[int] = set()
+        finished: set[int] = set()
+        for trial_id, state in rows:
+            if trial_id in self._folded:
+                continue  # read again in the grace window: already counted
+            if state in FINISHED:
+                finished.add(trial_id)
+                self._states[state] += 1
+                if trial_id in reason_of:
+                    self._reasons[reason_of[trial_id]] += 1
+            else:
+                pending.add(trial_id)
+                states[state] += 1
+                if trial_id in reason_of:
+                    open_reasons[reason_of[trial_id]] += 1
+        infeasible = _infeasible(bounds)
+        points: dict[int, dict[int, float]] = {}
+        for trial_id, objective, stored, kind in values:
+            self._any_values = True
+            points.setdefault(int(trial_id), {})[objective] = (
+                stored if len(maximize) == 1 else TrialValueModel.stored_repr_to_value(stored, kind)
+            )
+        feasible_points = [p for i, p in points.items() if i not in infeasible]
+        if len(maximize) == 1:
+            # as MIN/MAX in SQL: infinite values are stored as NULL and left out
+            finite = [float(p[0]) for p in feasible_points if p.get(0) is not None]
+            if self._best is not None:
+                finite.append(self._best)
+            if finite:
+                self._best = (max if maximize[0] else min)(finite)
+        else:
+            n = len(maximize)
+            new = [[p[k] for k in range(n)] for p in feasible_points if len(p) == n]
+            if new:
+                self._front = _front_points(self._front + new, maximize)
+        self._folded |= finished
+        self._pending = pending
+        if rows:
+            self._top = max(self._top or 0, max(i for i, _ in rows))
+        if floor is None:
+            self._settled = self._top or 0  # the first read: one pass, settled at once
+        elif self._top is not None:
+            self._tops.append((now, self._top))
+        all_states = self._states + states  # Counter addition drops zero counts
+        return Progress(
+            states=dict(all_states),
+            best_value=self._best if all_states.get("COMPLETE") else None,
+            prune_reasons=dict(self._reasons + open_reasons),
+            n_objectives=len(maximize),
+            pareto_front=(len(self._front) if self._any_values else None)
+            if len(maximize) > 1
+            else None,
+        )
+
+
+def _id_conditions(column: Any, floor: int | None, old: list[int]) -> Iterable[Any]:
+    """``WHERE`` clauses that together pick the ids above ``floor`` and those in ``old``,
+    each ``IN`` list at most ``IN_CHUNK`` long (all of the study when ``floor`` is None)."""
+    from sqlalchemy import or_, true
+
+    if floor is None:
+        yield true()
+        return
+    chunks = [old[i : i + IN_CHUNK] for i in range(0, len(old), IN_CHUNK)]
+    yield or_(column > floor, column.in_(chunks[0])) if chunks else column > floor
+    for chunk in chunks[1:]:
+        yield column.in_(chunk)
+
+
+def _front_points(points: list[list[float]], maximize: Sequence[bool]) -> list[list[float]]:
+    """The points of ``points`` on its Pareto front. The front of (front of A) + B is the
+    front of A + B (a point off A's front is dominated by one on it), so a reader keeps only
+    the front, not every complete trial."""
+    import numpy as np
+    from optuna.study._multi_objective import _is_pareto_front
+
+    signs = np.array([-1.0 if m else 1.0 for m in maximize])
+    mask = _is_pareto_front(np.asarray(points, dtype=float) * signs, assume_unique_lexsorted=False)
+    return [p for p, on in zip(points, mask) if on]
 
 
 def _infeasible(bounds: Sequence[Any]) -> set[int]:

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import socket
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Iterable
+from typing import TYPE_CHECKING, Any, Collection, Iterable
 
 from optguard.liveness import Beat, Verdict, parse_owner, probe_trial, trial_verdict
 
@@ -16,7 +16,9 @@ if TYPE_CHECKING:
     import optuna
     from optuna.trial import FrozenTrial
 
-__all__ = ["Recovery", "mark_interrupted", "reap_stale", "recover", "retry_records"]
+__all__ = [
+    "Recovery", "mark_interrupted", "reap_stale", "recover", "retry_once", "retry_records",
+]
 
 ATTR = "optguard."
 REASON_INTERRUPTED = "interrupted"
@@ -125,20 +127,27 @@ def reap_stale(
     running = storage.get_all_trials(study_id, deepcopy=False, states=(TrialState.RUNNING,))
     reaped = _reap(storage, running, beats, skip_pids)
     trials = storage.get_all_trials(study_id, deepcopy=False) if reaped else []
-    retried = _retry(study, trials, {REASON_INTERRUPTED}) if reaped else []
+    retried = retry_once(study, trials, {REASON_INTERRUPTED}) if reaped else []
     return Recovery(reaped=reaped, retried=retried)
 
 
-def _retry(
-    study: optuna.Study, trials: list["FrozenTrial"], reasons: set[str]
+def retry_once(
+    study: optuna.Study,
+    trials: list["FrozenTrial"],
+    reasons: set[str],
+    only: Collection[int] | None = None,
 ) -> list[int]:
-    """Enqueue, once, the parameters of finished trials that optguard ended for ``reasons``."""
+    """Enqueue, once, the parameters of finished trials that optguard ended for ``reasons``
+    (of the trial numbers ``only``, if given); ``trials`` is the whole study, which says
+    what was retried already. The caller holds the study-wide lock (``TrialSlots.lock``)."""
     from optuna.trial import TrialState
 
     done = {t.user_attrs.get(ATTR + "retry_of") for t in trials}
     retried = []
     for trial in trials:
         if trial.state not in (TrialState.PRUNED, TrialState.FAIL) or trial.number in done:
+            continue
+        if only is not None and trial.number not in only:
             continue
         if ATTR + "retry_of" in trial.user_attrs:
             continue  # a retry is not retried again: once per configuration
@@ -181,11 +190,14 @@ def recover(
     """Clear a pending stop/cancel, reap trials whose worker is gone, then retry interrupted
     ones and ``retry_reasons``."""
     from optguard.control import clear_request
+    from optguard.handover import take_handovers
 
     cleared = clear_request(storage, study_id)
     # Read from the storage itself, not the study's cache: _reap has just changed states.
     # Only this host's dead owners here: other hosts' trials are the heartbeat's to judge.
     reaped = _reap(storage, storage.get_all_trials(study_id, deepcopy=False), {})
     trials = storage.get_all_trials(study_id, deepcopy=False)
-    retried = _retry(study, trials, {REASON_INTERRUPTED, *retry_reasons})
-    return Recovery(reaped=reaped, retried=retried, cleared=cleared)
+    retried = retry_once(study, trials, {REASON_INTERRUPTED, *retry_reasons})
+    # what nodes stopped by their scheduler left for the others, none of them running now
+    retried += take_handovers(study, storage, study_id)
+    return Recovery(reaped=reaped, retried=sorted(retried), cleared=cleared)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import functools
+import threading
 import zlib
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Iterator
@@ -213,6 +214,7 @@ def open_storage(
     heartbeat_s: float | None = None,
     queue_writes: bool = False,
     outage_s: float | None = DEFAULT_OUTAGE_S,
+    gateway: bool = False,
 ) -> "optuna.storages.RDBStorage":
     """Open the RDB storage; ``create_schema`` is for the processes that set it up.
 
@@ -222,7 +224,9 @@ def open_storage(
     ``optguard.sqlite``. Calls on the storage ride out an outage of up to ``outage_s``, then
     raise ``StorageError`` with the driver's cause, as does any other driver error; ``None``
     gives Optuna's plain storage and errors. Opening it is not retried: a storage that is
-    unreachable at start is more likely a wrong URL than an outage.
+    unreachable at start is more likely a wrong URL than an outage. ``gateway`` (the
+    supervisor, serving its workers' calls: ``optguard.gateway``) keeps one pooled
+    connection to a database server, which every thread waits its turn for.
     """
     import warnings
 
@@ -241,27 +245,36 @@ def open_storage(
         if create_schema and not path.parent.is_dir():
             raise StorageError(f"cannot create SQLite storage {path}: directory does not exist")
         engine_kwargs = {"connect_args": {"timeout": BUSY_TIMEOUT_S}}
-    elif url.startswith("postgresql") and "connect_timeout" not in url:
-        engine_kwargs["connect_args"] = {"connect_timeout": PG_CONNECT_TIMEOUT_S}
-    connect_args = engine_kwargs.get("connect_args", {})
+    else:
+        engine_kwargs["connect_args"] = _connect_args(url)
+        if gateway:
+            # a turn lasts one transaction; through an outage, as long as the outage may.
+            # Optuna's schema check nests a second connection: allowed until it has run.
+            wait_s = 60 + (DEFAULT_OUTAGE_S if outage_s is None else outage_s)
+            engine_kwargs.update(pool_size=1, max_overflow=1, pool_timeout=wait_s)
     beat = None if heartbeat_s is None else max(1, round(heartbeat_s))
     kwargs: dict[str, Any] = {
         "engine_kwargs": engine_kwargs,
         "skip_table_creation": not create_schema,
         "heartbeat_interval": beat,
         "grace_period": None if beat is None else 4 * beat,
+        # with the schema lock's connection given back first (see below)
+        "skip_compatibility_check": gateway,
     }
     if outage_s is None:
         cls: Any = optuna.storages.RDBStorage
     else:
         cls, kwargs["outage_s"] = _outage_storage_class(), outage_s
     try:
-        with warnings.catch_warnings(), _schema_lock(url, path, create_schema, connect_args):
+        with warnings.catch_warnings(), _schema_lock(url, path, create_schema):
             # heartbeat_interval is "experimental" in Optuna 5: a warning users cannot act on
             warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
             if create_schema and path is not None:
                 prepare_file(path)
             storage = cls(url, **kwargs)
+        if gateway:
+            storage._version_manager.check_table_schema_compatibility()
+            _one_connection(storage.engine.pool)
     except ImportError as exc:
         raise StorageURLError(f"no database driver for {mask_url(url)}: {exc}") from None
     except (sqlalchemy.exc.SQLAlchemyError, StorageInternalError) as exc:
@@ -271,6 +284,16 @@ def open_storage(
     if path is not None:
         install_events(storage.engine, path, queue=queue_writes)
     return storage
+
+
+def _one_connection(pool: Any) -> None:
+    """Keep ``pool`` (a ``QueuePool`` of size 1 opened with one overflow connection for
+    Optuna's schema check) to its one connection from now on. SQLAlchemy has no public
+    setter; ``tests/test_gateway.py`` checks that threads then take turns on one."""
+    from sqlalchemy.pool import QueuePool
+
+    if isinstance(pool, QueuePool):
+        pool._max_overflow = 0
 
 
 def rdb_backend(storage: Any) -> Any:
@@ -288,7 +311,7 @@ def is_rdb(storage: Any) -> bool:
 
 @contextlib.contextmanager
 def _schema_lock(
-    url: str, path: Path | None, create_schema: bool, connect_args: dict[str, Any]
+    url: str, path: Path | None, create_schema: bool
 ) -> Iterator[None]:
     """Creating the tables and version rows, one process at a time.
 
@@ -306,9 +329,8 @@ def _schema_lock(
             yield  # closing the file releases the lock
         return
     import sqlalchemy
-    from sqlalchemy.pool import NullPool
 
-    engine = sqlalchemy.create_engine(url, poolclass=NullPool, connect_args=connect_args)
+    engine = _lock_engine(url)
     try:
         with engine.connect() as conn:
             release = _take_server_lock(conn, f"optguard-schema:{engine.url.database}")
@@ -321,6 +343,21 @@ def _schema_lock(
                     conn.commit()
     finally:
         engine.dispose()
+
+
+def _lock_engine(url: Any) -> Any:
+    """An engine for a server lock's connection, outside any storage's pool."""
+    import sqlalchemy
+    from sqlalchemy.pool import NullPool
+
+    return sqlalchemy.create_engine(url, poolclass=NullPool, connect_args=_connect_args(url))
+
+
+def _connect_args(url: Any) -> dict[str, Any]:
+    """psycopg waits for ever for a server by default (PyMySQL: 10 s)."""
+    if str(url).startswith("postgresql") and "connect_timeout" not in str(url):
+        return {"connect_timeout": PG_CONNECT_TIMEOUT_S}
+    return {}
 
 
 def _take_server_lock(conn: Any, key: str) -> Any:
@@ -387,6 +424,10 @@ def set_trial_user_attrs(
     """
     if not attrs:
         return
+    own = getattr(storage, "set_trial_user_attrs", None)
+    if own is not None:  # a worker's storage through its supervisor: one call
+        own(trial_id, attrs)
+        return
     if not is_rdb(storage):  # the journal: one record per key, as set_user_attr writes
         for key, value in attrs.items():
             storage.set_trial_user_attr(trial_id, key, value)
@@ -422,7 +463,13 @@ class TrialSlots:
         self._study_id = storage.get_study_id_from_name(study_name)
         self._backend = storage.engine.dialect.name if is_rdb(storage) else "journal"
         self._conn: Any = None
+        self._engine: Any = None  # the lock's own: not one of the storage's pooled connections
         self._lock_file: Any = None
+        # one holder per process too: the supervisor claims for its workers from several
+        # threads (``optguard.gateway``), and a flock is not exclusive between them. It also
+        # guards the lock's connection, which a thread whose claim failed in an outage drops
+        # (``_drop_connection``, inside or outside its hold: reentrant).
+        self._threads = threading.RLock()
 
     @property
     def storage(self) -> "optuna.storages.RDBStorage":
@@ -434,6 +481,11 @@ class TrialSlots:
 
     @contextlib.contextmanager
     def lock(self) -> Iterator[None]:
+        with self._threads, self._locked():
+            yield
+
+    @contextlib.contextmanager
+    def _locked(self) -> Iterator[None]:
         import sqlalchemy.exc
 
         if self._backend in ("sqlite", "journal"):
@@ -466,19 +518,25 @@ class TrialSlots:
         return Path(str(file) + LOCK_SUFFIX)
 
     def _acquire(self) -> Any:
+        """Take the server lock on a connection of its own, kept between claims: a pooled
+        one would be a second the storage's pool could not hand out meanwhile (the
+        supervisor's pool has one, ``open_storage(gateway=True)``)."""
         if self._conn is None:
-            self._conn = self._storage.engine.connect()
+            if self._engine is None:
+                self._engine = _lock_engine(self._storage.engine.url)
+            self._conn = self._engine.connect()
         return _take_server_lock(self._conn, f"optguard:{self._study_name}")
 
     def _drop_connection(self) -> None:
         """Forget the lock connection (dead after an outage); the next lock opens another."""
         import sqlalchemy.exc
 
-        conn, self._conn = self._conn, None
-        if conn is not None:
-            with contextlib.suppress(sqlalchemy.exc.SQLAlchemyError):
-                conn.invalidate()  # not back to the pool: its session is gone
-                conn.close()
+        with self._threads:
+            conn, self._conn = self._conn, None
+            if conn is not None:
+                with contextlib.suppress(sqlalchemy.exc.SQLAlchemyError):
+                    conn.invalidate()  # not back to the pool: its session is gone
+                    conn.close()
 
     def claim(
         self, study: "optuna.Study", n_trials: int | None, owner: dict[str, Any]
@@ -487,60 +545,71 @@ class TrialSlots:
         transaction (``optguard.ownership``), or ``None`` once the study has ``n_trials``.
 
         An enqueued trial (a retry) still runs after the total is reached: it was owed to a
-        configuration that an interruption took away. Through an outage the whole claim is
-        retried, lock included; a retry first looks for a trial an attempt that lost its
-        connection had created for ``owner`` after all.
+        configuration that an interruption took away.
         """
+        from optguard.ownership import adopt, ask_owned
+
+        if not is_rdb(self._storage):
+            with self.lock() if n_trials is not None else contextlib.nullcontext():
+                return ask_owned(study, owner, n_trials)
+        claimed = self.claim_row(n_trials, owner)
+        return None if claimed is None else adopt(study, *claimed)
+
+    def claim_row(self, n_trials: int | None, owner: dict[str, Any]) -> tuple[int, Any] | None:
+        """``claim`` in the storage alone, for a study held elsewhere (``optguard.gateway``
+        claims here for its workers): ``(trial_id, new frozen trial or None)`` or ``None``.
+
+        Through an outage the whole claim is retried, lock included; a retry first looks for
+        a trial an attempt that lost its connection had created for ``owner`` after all.
+        """
+        from optguard.ownership import claim_row
+
         attempts = 0
 
-        def attempt() -> "optuna.trial.Trial | None":
+        def attempt() -> tuple[int, Any] | None:
             nonlocal attempts
             attempts += 1
             with self._outage.suspended():
-                return self._claim_once(study, n_trials, owner, attempts > 1)
+                with self.lock() if n_trials is not None else contextlib.nullcontext():
+                    found = self._running_for(owner) if attempts > 1 else None
+                    if found is not None:
+                        return found, None
+                    return claim_row(rdb_backend(self._storage), self._study_id, owner, n_trials)
 
         return self._outage.call(attempt, on_retry=self._drop_connection)
 
-    def _claim_once(
-        self,
-        study: "optuna.Study",
-        n_trials: int | None,
-        owner: dict[str, Any],
-        retried: bool,
-    ) -> "optuna.trial.Trial | None":
-        from optguard.ownership import ask_owned
+    def count_trials(self) -> int:
+        """The study's trials in any state (for ``--seed``)."""
+        from optguard.progress import count_trials
 
-        with self.lock() if n_trials is not None else contextlib.nullcontext():
-            found = self._running_for(study, owner) if retried else None
-            if found is not None:
-                return found
-            return ask_owned(study, owner, n_trials)
+        return count_trials(self._storage, self._study_id)
 
-    @staticmethod
-    def _running_for(study: "optuna.Study", owner: dict[str, Any]) -> "optuna.trial.Trial | None":
+    def _running_for(self, owner: dict[str, Any]) -> int | None:
         """A RUNNING trial with exactly ``owner``'s attributes: a worker claims its next trial
-        only once its last one is finished, so such a trial is one a lost attempt created.
-        Read through the study's cached storage, which must know the trial."""
-        import optuna
+        only once its last one is finished, so such a trial is one a lost attempt created."""
         from optuna.trial import TrialState
 
         if not owner:
             return None
-        running = study._storage.get_all_trials(
-            study._study_id, deepcopy=False, states=(TrialState.RUNNING,)
+        running = self._storage.get_all_trials(
+            self._study_id, deepcopy=False, states=(TrialState.RUNNING,)
         )
         for trial in running:
             if all(trial.user_attrs.get(key) == value for key, value in owner.items()):
-                return optuna.Trial(study, trial._trial_id)
+                return int(trial._trial_id)
         return None
 
     def close(self) -> None:
         import sqlalchemy.exc
 
-        conn, self._conn = self._conn, None
-        if conn is not None:
-            with contextlib.suppress(sqlalchemy.exc.SQLAlchemyError):
-                conn.close()  # a connection the storage lost has nothing left to give back
+        with self._threads:
+            conn, self._conn = self._conn, None
+            if conn is not None:
+                with contextlib.suppress(sqlalchemy.exc.SQLAlchemyError):
+                    conn.close()  # a connection the storage lost has nothing left to give back
+            if self._engine is not None:
+                self._engine.dispose()
+                self._engine = None
         if self._lock_file is not None:
             self._lock_file.close()
             self._lock_file = None

@@ -41,6 +41,7 @@ from optguard.cleanup import release_memory
 from optguard.config import RunOptions
 from optguard.control import read_request, set_request
 from optguard.errors import OptguardError, StorageError
+from optguard.gateway.client import GatewaySlots, take_gateway
 from optguard.guard import GuardPruned, TrialGuard, Violation
 from optguard.limits import format_against, format_gb
 from optguard.logs import set_trial, worker_log_path, worker_logger
@@ -48,7 +49,6 @@ from optguard.memory import current_rss, peak_rss, reset_peak
 from optguard.objective import error_line, load_objective
 from optguard.outage import Outage
 from optguard.preflight import check_sampler
-from optguard.progress import count_trials
 from optguard.storage import (
     TrialSlots,
     mask_url,
@@ -502,6 +502,7 @@ class _TrialRunner:
         self.supervised.report(
             "end", trial=number, state=state.name, error=error or oom_error,
             enforcement=violation.enforcement if violation is not None else None,
+            reason=violation.reason if violation is not None else None,
         )  # fmt: skip
         if self.study._stop_flag:
             self._study_stop(number)
@@ -690,14 +691,19 @@ def _tell(
     )
 
 
-def _open_study(opts: RunOptions, url: str) -> tuple[optuna.Study, TrialSlots]:
+def _open_study(
+    opts: RunOptions, url: str, gateway: Any | None = None
+) -> tuple[optuna.Study, TrialSlots | GatewaySlots]:
     """The study, created with ``opts.directions`` when new; an existing one's directions are
     kept, and others given are refused (``study.resolve_directions``), as is a
-    single-objective sampler for a multi-objective study (``study.sampler_error``)."""
+    single-objective sampler for a multi-objective study (``study.sampler_error``).
+    ``gateway``: the storage through the supervisor (``optguard.gateway``), else ``url``'s."""
+    from optuna.storages._cached_storage import _CachedStorage
+
     from optguard.errors import UsageError
     from optguard.study import sampler_error
 
-    storage = open_storage(url, queue_writes=True, outage_s=opts.storage_outage_s)
+    storage = gateway or open_storage(url, queue_writes=True, outage_s=opts.storage_outage_s)
     directions = resolve_directions(
         opts.directions, stored_directions(storage, opts.study), opts.study
     )
@@ -706,22 +712,27 @@ def _open_study(opts: RunOptions, url: str) -> tuple[optuna.Study, TrialSlots]:
         raise UsageError(f"study {opts.study!r}: {refused}")
     study = optuna.create_study(
         study_name=opts.study,
-        storage=storage,
+        # as Optuna caches an RDB storage: the sampler reads only what changed
+        storage=storage if gateway is None else _CachedStorage(gateway),
         directions=list(directions),
         sampler=make_sampler(opts.sampler),
         pruner=make_pruner(opts.pruner),
         load_if_exists=True,
     )
     resolve_directions(directions, direction_names(study.directions), opts.study)  # a race
+    if gateway is not None:
+        return study, GatewaySlots(gateway, opts.study)
     return study, TrialSlots(storage, opts.study)
 
 
-def _seed_sampler(study: optuna.Study, slots: TrialSlots, opts: RunOptions, index: int) -> str:
+def _seed_sampler(
+    study: optuna.Study, slots: TrialSlots | GatewaySlots, opts: RunOptions, index: int
+) -> str:
     """``--seed``: this worker's sampler seeded by ``study.worker_seed``; what it got, for
     the log (empty without ``--seed``)."""
     if opts.seed is None:
         return ""
-    before = count_trials(slots.storage, slots.study_id)
+    before = slots.count_trials()
     seed = worker_seed(opts.seed, index, before)
     study.sampler = make_sampler(opts.sampler, seed)
     return (
@@ -777,6 +788,7 @@ def run_worker(opts: RunOptions, index: int = 0) -> int:
     supervised = _Supervised()
     supervised.install()
     piped = channel.take_storage_url()  # and OPTGUARD_STORAGE: no trial's child inherits it
+    gateway = take_gateway()  # the supervisor's connection, on a database server
     url = resolve_url(opts.storage or piped)
     limits = opts.limits
     log.info(
@@ -800,9 +812,11 @@ def run_worker(opts: RunOptions, index: int = 0) -> int:
         if piped is not None:
             # The supervisor opened this storage already: an error now is an outage (a
             # replacement started while the server restarts), ridden out like any other.
-            study, slots = Outage(url, opts.storage_outage_s).call(lambda: _open_study(opts, url))
+            study, slots = Outage(url, opts.storage_outage_s).call(
+                lambda: _open_study(opts, url, gateway)
+            )
         else:
-            study, slots = _open_study(opts, url)
+            study, slots = _open_study(opts, url, gateway)
         seeded = _seed_sampler(study, slots, opts, index)
     except OptguardError as exc:
         log.error("%s %s", START_FAILURE, exc)

@@ -35,7 +35,7 @@ import psutil
 from optguard import channel, gpus, proctree
 from optguard.artifacts import artifact_dir
 from optguard.config import RunOptions
-from optguard.control import read_request, set_request
+from optguard.control import request_in, set_request
 from optguard.early_stopping import patience_error, study_plateaued
 from optguard.errors import (
     OptguardError,
@@ -44,11 +44,14 @@ from optguard.errors import (
     WorkerCrashError,
     WorkerStartError,
 )
+from optguard.gateway import serves
+from optguard.gateway.server import Gateway
 from optguard.guard import REASON_MEMORY, REASON_SYSTEM_MEMORY, Violation
+from optguard.handover import offer, pending, take_handovers
 from optguard.liveness import Proc, parse_owner, probe_trial
 from optguard.outage import outage_of
 from optguard.preflight import check_run_inputs
-from optguard.progress import Progress, read_progress
+from optguard.progress import Progress, ProgressReader, read_progress
 from optguard.recovery import Recovery, mark_interrupted, reap_stale, recover
 from optguard.report import LIMITS_ATTR
 from optguard.storage import TrialSlots, is_rdb, mask_url, open_storage, resolve_url
@@ -126,7 +129,11 @@ def prepare_study(opts: RunOptions) -> tuple[str, Any, Any, int, Recovery, tuple
 
     url = resolve_url(opts.storage)
     storage = open_storage(
-        url, create_schema=True, heartbeat_s=opts.heartbeat_s, outage_s=opts.storage_outage_s
+        url,
+        create_schema=True,
+        heartbeat_s=opts.heartbeat_s,
+        outage_s=opts.storage_outage_s,
+        gateway=serves(url),
     )
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     try:
@@ -214,6 +221,11 @@ class _Supervisor:
         self.stopping = False  # fatal error: end every worker now
         self.draining = False  # stop or cancel: no new trial, no replacement worker
         self.cancelling = False
+        self.cancelled_ids: set[int] = set()  # trials running when this run was cancelled
+        # trials a SIGTERM to their worker ended: the scheduler signals every process of a
+        # node, so the workers' may come before the supervisor's own
+        self.interrupted_ids: set[int] = set()
+        self.handing_over = False  # a SIGTERM: hand them over (optguard.handover)
         self.stopped_by: str | None = None  # a stop/cancel: exit 130
         self.ended_by: str | None = None  # --patience or study.stop(): exit 0
         self.signals_seen = 0
@@ -240,7 +252,9 @@ class _Supervisor:
     def spawn(self, index: int) -> None:
         self.spawned += 1
         uid = f"{index}.{self.spawned}"
-        worker = spawn_worker(self.opts, index, uid, self.url, self.run_id, time.monotonic())
+        worker = spawn_worker(
+            self.opts, index, uid, self.url, self.run_id, time.monotonic(), self.gateway
+        )
         self.workers[index] = self.by_uid[uid] = worker
         _log.info("started worker %d (pid %d)", index, worker.proc.pid)
 
@@ -254,6 +268,10 @@ class _Supervisor:
                 worker.ready = self.any_ready = True
             elif kind == "start":
                 worker.trial = Watched(event["trial"], event["trial_id"], event["started"])
+                if self.cancelling:  # claimed as the cancel came: cancelled like the others
+                    self.cancelled_ids.add(worker.trial.trial_id)
+                    if self.handing_over:
+                        self.outage.poll(self.hand_over, None)
                 worker.checkpoint_until = 0.0  # the last trial's hold is not this one's
                 self.write_limits()
             elif kind == "interrupted" and _about(worker.trial, event):
@@ -262,6 +280,8 @@ class _Supervisor:
                 budget = float(event.get("budget_s", 0.0))
                 worker.checkpoint_until = now + budget + CHECKPOINT_MARGIN_S
             elif kind == "end" and _about(worker.trial, event):
+                if event.get("reason") == REASON_INTERRUPTED:  # a SIGTERM to the worker
+                    self.interrupted_ids.add(worker.trial.trial_id)  # type: ignore[union-attr]
                 if worker.trial.spooled_at:  # type: ignore[union-attr]
                     drop_spool(spool_path(worker.log_path))  # the worker has read it
                 worker.trial = None
@@ -737,6 +757,25 @@ class _Supervisor:
                 f"FAIL (interrupted); retrying {retried}"
             )
 
+    def take_handovers(self) -> list[int]:
+        """Enqueue the trials nodes stopped by their scheduler handed over, once."""
+        with self.slots.lock():
+            retried = take_handovers(self.study, self.storage, self.study_id)
+        if retried:
+            self.progress_at = 0.0  # read the progress now: the retries need workers
+            if self.on_notice is not None:
+                listed = ", ".join(f"#{n}" for n in retried)
+                self.on_notice(f"trial(s) {listed} handed over by a stopped node: retrying")
+        return retried
+
+    def hand_over(self) -> None:
+        """This node was stopped by a SIGTERM: list the trials it runs for the nodes still
+        running, before they end (``optguard.handover``)."""
+        handed = self.cancelled_ids | self.interrupted_ids
+        with self.slots.lock():  # a node taking the list rewrites it
+            offer(self.storage, self.study_id, self.run_id, handed)
+        _log.info("trial id(s) %s handed over to the nodes still running", sorted(handed))
+
     # -- stop and cancel: Ctrl+C, SIGTERM, or a request in the study's storage ------------------
     def handle_requests(self, now: float) -> None:
         if self.signals.count > self.signals_seen:
@@ -744,6 +783,8 @@ class _Supervisor:
             if self.signals.count == 1 and self.signals.last == signal.SIGINT:
                 self.stop("Ctrl+C: no new trials, running trials finish; Ctrl+C again cancels them")
             else:
+                # a SIGTERM is the scheduler ending this node: its trials go to the others
+                self.handing_over = self.handing_over or self.signals.last == signal.SIGTERM
                 self.cancel("cancelling: running trials are pruned at their next check")
         if now - self.requests_at > REQUESTS_EVERY_S:
             self.requests_at = now
@@ -751,7 +792,10 @@ class _Supervisor:
                 self.outage.poll(self.check_plateau, None)
             if self.opts.terminate and not self.draining:
                 self.outage.poll(lambda: self.check_terminator(now), None)
-            action = self.outage.poll(lambda: read_request(self.storage, self.study_id), None)
+            attrs = self.outage.poll(lambda: self.storage.get_study_user_attrs(self.study_id), {})
+            action = request_in(attrs)
+            if pending(attrs) and not self.draining:  # a node stopped by its scheduler
+                self.outage.poll(self.take_handovers, [])
             if action == "stop" and not self.draining:
                 self.stop("optguard stop: no new trials, running trials finish")
             elif action == "cancel" and not self.cancelling:
@@ -761,7 +805,8 @@ class _Supervisor:
         """``--patience``: end the study on every host once the best value stops improving."""
         from optuna.trial import TrialState
 
-        finished = self.storage.get_all_trials(
+        # through Optuna's cache of the study: the database is asked only what changed
+        finished = self.study._storage.get_all_trials(
             self.study_id, deepcopy=False,
             states=(TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL),
         )  # fmt: skip
@@ -836,6 +881,10 @@ class _Supervisor:
         self.cancelling = True
         now = time.monotonic()
         for worker in self.workers.values():
+            if worker.trial is not None:
+                self.cancelled_ids.add(worker.trial.trial_id)
+        if self.handing_over and self.cancelled_ids | self.interrupted_ids:
+            self.outage.poll(self.hand_over, None)
             # Not ready, or leaving after its last trial: nothing to record, end it now. One
             # between two trials may have just claimed the next (its start not read yet): it
             # got the stop, and a trial it started is cancelled like any other.
@@ -860,7 +909,11 @@ class _Supervisor:
         # The loop's own storage calls: skipped during an outage (limits are still enforced),
         # StorageError once it has lasted --storage-outage.
         self.outage = outage_of(self.storage)
+        # every second on every host: what changed since the last read, not the whole study
+        self.progress_reader = ProgressReader(self.storage, self.study_id)
         self.slots = TrialSlots(self.storage, self.opts.study)  # the study-wide lock
+        # on a database server, the workers' storage calls run here: 2 connections a host
+        self.gateway = Gateway(self.slots) if serves(self.url) else None
         if self.on_recovery is not None:
             self.on_recovery(recovery)
         proctree.become_subreaper()
@@ -869,7 +922,7 @@ class _Supervisor:
         handled = (signal.SIGINT, signal.SIGTERM)
         previous = {s: signal.signal(s, self.signals.handler) for s in handled}
         try:
-            self.progress = read_progress(self.storage, self.study_id)
+            self.progress = self.read_progress()
             if self.has_work():
                 for index in range(self.opts.workers):
                     self.spawn(index)
@@ -916,7 +969,7 @@ class _Supervisor:
         return result
 
     def read_progress(self) -> Progress:
-        return read_progress(self.storage, self.study_id)
+        return self.progress_reader.read()
 
     def has_work(self) -> bool:
         """Whether this host should run workers: trials are missing or retries wait."""
@@ -965,9 +1018,16 @@ class _Supervisor:
         # Other hosts' running trials are waited for where a heartbeat can tell a dead host.
         # A journal file has none: only this host's trials whose owner is alive are waited
         # for (another run here); waiting on other hosts could last for ever (exit 6).
-        if not self.progress.running or is_rdb(self.storage):
-            return not self.progress.running
-        return not self.outage.poll(self.live_here, False)
+        if self.progress.running and is_rdb(self.storage):
+            return False
+        if self.progress.running and self.outage.poll(self.live_here, False):
+            return False
+        # the last look before the end: a node stopped meanwhile may have left trials to run
+        if self.outage.poll(self.take_handovers, []):
+            self.progress_at = now
+            self.progress = self.outage.poll(self.read_progress, self.progress)
+            return not self.progress.states.get("WAITING", 0) and not self.progress.running
+        return True
 
     def live_here(self) -> bool:
         """Whether a RUNNING trial of the study is run by a live process of this host."""

@@ -4,7 +4,8 @@ each (ready, the trial it runs, whether optguard is ending it).
 Each worker leads its own session, so the terminal's Ctrl+C reaches only the supervisor and a
 worker's process group can be signalled without touching anything optguard did not start.
 The storage URL reaches a worker through a pipe it reads once, never argv (``ps``) or the
-environment (inherited by every process a trial starts).
+environment (inherited by every process a trial starts); on a database server, its storage
+calls go through a socket pair to the supervisor's gateway (``optguard.gateway``).
 """
 
 from __future__ import annotations
@@ -17,13 +18,17 @@ import subprocess
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import IO
+from typing import IO, TYPE_CHECKING
 
 from optguard import channel, gpus, proctree, threads
 from optguard.config import RunOptions
+from optguard.gateway.protocol import FD_ENV as GATEWAY_FD_ENV
 from optguard.guard import Violation
 from optguard.logs import worker_log_path, worker_logger
 from optguard.supervision.escalation import Watched
+
+if TYPE_CHECKING:
+    from optguard.gateway.server import Gateway
 
 __all__ = ["Worker", "spawn_worker"]
 
@@ -148,15 +153,24 @@ def _url_pipe(url: str) -> int:
 
 
 def spawn_worker(
-    opts: RunOptions, index: int, uid: str, url: str, run_id: str, now: float
+    opts: RunOptions,
+    index: int,
+    uid: str,
+    url: str,
+    run_id: str,
+    now: float,
+    gateway: Gateway | None = None,
 ) -> Worker:
-    """Start worker ``index`` (a replacement keeps the index, so the same log file)."""
+    """Start worker ``index`` (a replacement keeps the index, so the same log file), served
+    by ``gateway`` if the run has one (``optguard.gateway``)."""
     host = socket.gethostname()
     log_path = worker_log_path(opts.log_dir, opts.study, host, index)
     log_path.parent.mkdir(parents=True, exist_ok=True)
     out = log_path.with_suffix(".out").open("ab")
     status_r, status_w, control_r, control_w = channel.open_pipe_pair()
     url_r = _url_pipe(url)
+    theirs = None if gateway is None else gateway.connect(f"w{index}.{uid}")
+    fds = (status_w, control_r, url_r) + (() if theirs is None else (theirs.fileno(),))
     env = {k: v for k, v in os.environ.items() if k != channel.STORAGE_ENV}
     # Thread pools are sized when their library loads (optuna loads NumPy before the
     # objective): the environment is the one place early enough. The user's values win.
@@ -176,6 +190,8 @@ def spawn_worker(
         channel.SUPERVISOR_ENV: str(os.getpid()),
         channel.RUN_ENV: run_id,
     })  # fmt: skip
+    if theirs is not None:
+        env[GATEWAY_FD_ENV] = str(theirs.fileno())
     try:
         # Pinned from its first instruction: it inherits this thread's mask (threads.py).
         with threads.spawn_affinity(plan.cpus_of(index)):
@@ -186,11 +202,13 @@ def spawn_worker(
                 stderr=subprocess.STDOUT,
                 env=env,
                 start_new_session=True,
-                pass_fds=(status_w, control_r, url_r),
+                pass_fds=fds,
             )
     finally:
         for fd in (status_w, control_r, url_r):
             os.close(fd)
+        if theirs is not None:
+            theirs.close()  # the worker's now: its exit ends the serving thread
     wlog = worker_logger(
         log_path, f"{index}:{proc.pid}", name=f"optguard.supervisor.w{index}", trial="-"
     )

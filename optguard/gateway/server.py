@@ -1,0 +1,120 @@
+"""The supervisor's side: one thread per worker runs that worker's storage calls, in order,
+on the supervisor's storage (one pooled connection) and its study-wide lock.
+
+The calls are the ones the worker would have made itself, with the same outage handling,
+so what a worker sees (results, Optuna's errors, ``StorageError`` past ``--storage-outage``)
+does not change; only where the connection lives does.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import socket
+import threading
+from multiprocessing.connection import Connection
+from typing import TYPE_CHECKING, Any, Callable
+
+from optguard.gateway.protocol import (
+    CANCEL,
+    ERROR,
+    OK,
+    OPERATIONS,
+    RETRYING,
+    STORAGE_METHODS,
+    portable,
+)
+from optguard.outage import waiting_with
+
+if TYPE_CHECKING:
+    from optguard.storage import TrialSlots
+
+__all__ = ["Gateway"]
+
+_log = logging.getLogger("optguard.gateway")
+
+
+class _Abandoned(BaseException):
+    """The worker gave up the call it waits for (an interrupt during an outage): not an
+    ``Exception``, so that no handler on the way takes it for the call's own error."""
+
+
+class Gateway:
+    """Serves the storage calls of the workers of one run, on ``slots.storage``."""
+
+    def __init__(self, slots: TrialSlots) -> None:
+        self._storage: Any = slots.storage
+        self._ops: dict[str, Callable[..., Any]] = {
+            "claim": slots.claim_row,
+            "set_trial_user_attrs": self._set_trial_user_attrs,
+            "set_trial_state_values": self._set_trial_state_values,
+            "count_trials": slots.count_trials,
+        }
+        if set(self._ops) != OPERATIONS:
+            raise RuntimeError("the gateway's operations and its protocol disagree")
+
+    def connect(self, name: str) -> socket.socket:
+        """A new worker's end of a socket pair, served from now on by a thread of its own,
+        which ends when the worker closes its end (it exited)."""
+        ours, theirs = socket.socketpair()
+        conn = Connection(ours.detach())
+        threading.Thread(
+            target=self._serve, args=(conn,), name=f"optguard-gateway-{name}", daemon=True
+        ).start()
+        return theirs
+
+    def _serve(self, conn: Connection) -> None:
+        try:
+            while True:
+                message = conn.recv()
+                if message[0] == CANCEL:
+                    continue  # given up after its answer was sent: nothing left to stop
+                seq, name, args, kwargs = message
+                try:
+                    with waiting_with(functools.partial(self._wait, conn, seq, [False])):
+                        answer = (OK, seq, self._dispatch(name, args, kwargs))
+                except _Abandoned:
+                    continue
+                except Exception as exc:  # deliberately broad: the worker raises it again
+                    answer = (ERROR, seq, portable(exc))
+                conn.send(answer)
+        except (EOFError, OSError):
+            pass  # the worker exited (or died): its calls are over
+        finally:
+            conn.close()
+
+    def _wait(self, conn: Connection, seq: int, told: list[bool], seconds: float) -> None:
+        """Between two attempts of call ``seq`` through an outage: tell the worker once, then
+        wait, ending the call if the worker gives it up (its interrupt is not held for the
+        whole outage, as when it called the storage itself)."""
+        if not told[0]:
+            told[0] = True
+            conn.send((RETRYING, seq, None))
+        if conn.poll(seconds):
+            message = conn.recv()
+            if message == (CANCEL, seq):
+                raise _Abandoned
+
+    def _dispatch(self, name: str, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+        op = self._ops.get(name)
+        if op is not None:
+            return op(*args, **kwargs)
+        if name not in STORAGE_METHODS:
+            raise ValueError(f"not a storage call: {name!r}")
+        return getattr(self._storage, name)(*args, **kwargs)
+
+    def _set_trial_user_attrs(self, trial_id: int, attrs: dict[str, Any]) -> None:
+        from optguard.storage import set_trial_user_attrs
+
+        set_trial_user_attrs(self._storage, trial_id, attrs)
+
+    def _set_trial_state_values(
+        self, trial_id: int, state: Any, values: Any, attrs: dict[str, Any] | None
+    ) -> bool:
+        """The worker's finish, with the attributes it had held for it (``closing_attrs``):
+        one transaction, as in the worker's own storage."""
+        from optguard.storage import set_closing_attrs
+
+        if attrs:
+            set_closing_attrs(self._storage, trial_id, attrs)
+        return bool(self._storage.set_trial_state_values(trial_id, state, values))
