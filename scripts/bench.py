@@ -5,6 +5,8 @@
     python scripts/bench.py --quick    # smoke mode for CI: small sizes, no timing gates
     python scripts/bench.py --real     # real objectives (scripts/real_objectives.py), 2 workers
                                        # (their packages: pip install -e ".[bench]")
+    python scripts/bench.py --scale    # 12 hosts x 3 workers on one study, a private PostgreSQL
+                                       # (max_connections 30), fresh and with 20,000 trials
 
 Every ratio compares optguard with plain ``study.optimize`` processes measured in the same run,
 on the same kind of storage and with the same number of processes. Throughput is trials per
@@ -503,6 +505,328 @@ TABLE = [
 ]
 
 
+# -- --scale: many hosts on one study, on a private PostgreSQL server -------------------------
+
+SCALE_OBJECTIVE = textwrap.dedent(
+    '''
+    import os, time
+
+    def short(trial):
+        """A short trial: one parameter, BENCH_SCALE_SLEEP_S of sleep."""
+        x = trial.suggest_float("x", -10, 10)
+        time.sleep(float(os.environ.get("BENCH_SCALE_SLEEP_S", "0.03")))
+        return x * x
+    '''
+)
+SCALE_MAX_CONNECTIONS = 30
+
+
+def preload_trials(url: str, study: str, n: int, batch: int = 5000) -> int:
+    """Insert ``n`` finished COMPLETE trials (one float param ``x``, one value) straight into
+    Optuna's tables, a few ``executemany`` batches: 20,000 trials in seconds, where asking
+    and telling them would take many minutes. Returns the count Optuna reads back."""
+    import random
+    from datetime import datetime, timedelta
+
+    import optuna
+    import sqlalchemy as sa
+    from optuna.distributions import FloatDistribution, distribution_to_json
+    from optuna.storages._rdb import models
+    from optuna.trial import TrialState
+
+    engine = sa.create_engine(url)
+    trials_t, values_t = models.TrialModel.__table__, models.TrialValueModel.__table__
+    params_t = models.TrialParamModel.__table__
+    dist = distribution_to_json(FloatDistribution(-10, 10))
+    rng = random.Random(0)
+    xs = [rng.uniform(-10, 10) for _ in range(n)]
+    begin = datetime.now() - timedelta(hours=1)  # Optuna's own clock: naive local time
+    try:
+        with engine.begin() as conn:
+            study_id = conn.execute(
+                sa.select(models.StudyModel.__table__.c.study_id).where(
+                    models.StudyModel.__table__.c.study_name == study
+                )
+            ).scalar_one()
+            first = conn.execute(
+                sa.select(sa.func.count()).select_from(trials_t)
+                .where(trials_t.c.study_id == study_id)
+            ).scalar_one()  # fmt: skip
+            for lo in range(0, n, batch):
+                conn.execute(trials_t.insert(), [
+                    {"number": first + i, "study_id": study_id, "state": TrialState.COMPLETE,
+                     "datetime_start": begin + timedelta(milliseconds=10 * i),
+                     "datetime_complete": begin + timedelta(milliseconds=10 * i + 5)}
+                    for i in range(lo, min(n, lo + batch))
+                ])  # fmt: skip
+            ids = conn.execute(
+                sa.select(trials_t.c.trial_id, trials_t.c.number)
+                .where(trials_t.c.study_id == study_id, trials_t.c.number >= first)
+                .order_by(trials_t.c.number)
+            ).all()  # fmt: skip
+            finite = models.TrialValueModel.TrialValueType.FINITE
+            for lo in range(0, n, batch):
+                chunk = ids[lo : lo + batch]
+                conn.execute(values_t.insert(), [
+                    {"trial_id": tid, "objective": 0, "value": xs[num - first] ** 2,
+                     "value_type": finite} for tid, num in chunk
+                ])  # fmt: skip
+                conn.execute(params_t.insert(), [
+                    {"trial_id": tid, "param_name": "x", "param_value": xs[num - first],
+                     "distribution_json": dist} for tid, num in chunk
+                ])  # fmt: skip
+    finally:
+        engine.dispose()
+    storage = optuna.storages.RDBStorage(url)
+    try:
+        study_obj = optuna.load_study(study_name=study, storage=storage)
+        done = study_obj.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+        return len(done)
+    finally:
+        storage.remove_session()
+        storage.engine.dispose()
+
+
+def _percentiles(values: list[float]) -> dict[str, float | None]:
+    if len(values) < 2:
+        return {"p50": None, "p95": None, "p99": None, "n": len(values)}
+    q = statistics.quantiles(values, n=100, method="inclusive")
+    return {"p50": round(q[49], 2), "p95": round(q[94], 2), "p99": round(q[98], 2),
+            "n": len(values)}  # fmt: skip
+
+
+def _scale_rows(url: str, study: str) -> list[tuple[int, str, Any, Any, str | None]]:
+    """(number, state, start, complete, optguard.worker) of every trial, read with one query
+    (no FrozenTrial per row: the study may hold 20,000 more)."""
+    import sqlalchemy as sa
+    from optuna.storages._rdb import models
+
+    t, s = models.TrialModel.__table__, models.StudyModel.__table__
+    a = models.TrialUserAttributeModel.__table__
+    engine = sa.create_engine(url)
+    try:
+        with engine.connect() as conn:
+            rows = conn.execute(
+                sa.select(t.c.number, t.c.state, t.c.datetime_start, t.c.datetime_complete,
+                          a.c.value_json)
+                .join(s, s.c.study_id == t.c.study_id)
+                .outerjoin(a, sa.and_(a.c.trial_id == t.c.trial_id, a.c.key == "optguard.worker"))
+                .where(s.c.study_name == study)
+            ).all()  # fmt: skip
+    finally:
+        engine.dispose()
+    return [(num, getattr(state, "name", str(state)), start, end,
+             json.loads(worker) if worker else None)
+            for num, state, start, end, worker in rows]  # fmt: skip
+
+
+def _host_command(index: int, study: str, url: str, total: int, workers: int, source: Path,
+                  log_dir: Path, extra: tuple[str, ...]) -> list[str]:  # fmt: skip
+    """One "host": its own UTS namespace and hostname (so ``optguard.worker`` is
+    ``scale-hostK:pid`` as on a real node), then ``exec optguard run``."""
+    import shlex
+
+    run = [sys.executable, "-m", "optguard", "run", "--study", study, "--storage", url,
+           "--objective", f"{source}:short", "--workers", str(workers), "--n-trials", str(total),
+           "--sampler", "random", "--pruner", "none", "--log-dir", str(log_dir),
+           *extra]  # fmt: skip
+    script = f"hostname scale-host{index} && exec {shlex.join(run)}"
+    return ["unshare", "-u", "sh", "-c", script]
+
+
+def scale_case(
+    url: str, root: Path, hosts: int, workers: int, trials: int, preload: int,
+    sleep_s: float, case_timeout_s: float, extra: tuple[str, ...] = (),
+) -> dict[str, Any]:  # fmt: skip
+    """``hosts`` concurrent ``optguard run --workers W`` on one study (created here, with
+    ``preload`` finished trials already in it), all with the study-wide total ``preload +
+    trials``; what it took, read from the storage and the server's statistics."""
+    import optuna
+    import private_pg
+
+    study = f"scale-{uuid.uuid4().hex[:8]}"
+    case_dir = root / study
+    source = case_dir / "scale_objective.py"
+    case_dir.mkdir()
+    source.write_text(SCALE_OBJECTIVE)
+    storage = optuna.storages.RDBStorage(url)
+    optuna.create_study(study_name=study, storage=storage, direction="minimize")
+    storage.remove_session()
+    storage.engine.dispose()
+    result: dict[str, Any] = {"study": study, "hosts": hosts, "workers_per_host": workers,
+                              "trials": trials, "preloaded": 0}  # fmt: skip
+    if preload:
+        start = time.monotonic()
+        result["preloaded"] = preload_trials(url, study, preload)
+        result["preload_s"] = round(time.monotonic() - start, 1)
+        if result["preloaded"] != preload:
+            raise RuntimeError(f"preloaded {preload} trials, Optuna reads {result['preloaded']}")
+    total = preload + trials
+    with private_pg.Probe(url) as probe:
+        probe.reset_statements()
+        xacts_before = probe.transactions()
+        procs: list[subprocess.Popen[bytes]] = []
+        outputs: list[Path] = []
+        env = {**_environ(None), "BENCH_SCALE_SLEEP_S": str(sleep_s)}
+        launched, launched_at = time.monotonic(), time.time()
+        roots: dict[str, int] = {}  # host name -> its pid, for the per-host peak
+        group_of = private_pg.namespace_groups(roots)
+        with private_pg.ConnectionSampler(url, interval_s=0.05, group_of=group_of) as sampler:
+            for k in range(hosts):
+                host_dir = case_dir / f"host{k}"
+                host_dir.mkdir()
+                outputs.append(host_dir / "stderr.txt")
+                with open(host_dir / "stdout.txt", "wb") as out, open(outputs[-1], "wb") as err:
+                    procs.append(subprocess.Popen(
+                        _host_command(k, study, url, total, workers, source, host_dir / "logs",
+                                      extra),
+                        cwd=host_dir, env=env, stdout=out, stderr=err, start_new_session=True,
+                    ))  # fmt: skip
+                roots[f"scale-host{k}"] = procs[-1].pid
+            codes: list[int | str] = []
+            deadline = launched + case_timeout_s
+            try:
+                for proc in procs:
+                    try:
+                        codes.append(proc.wait(timeout=max(0.1, deadline - time.monotonic())))
+                    except subprocess.TimeoutExpired:
+                        os.killpg(proc.pid, signal.SIGKILL)  # its own session: the host's tree
+                        proc.wait()
+                        codes.append(f"killed after {case_timeout_s:g}s")
+            finally:  # the bench itself interrupted: no host outlives it
+                for proc in procs:
+                    if proc.poll() is None:
+                        os.killpg(proc.pid, signal.SIGKILL)
+                        proc.wait()
+        wall = time.monotonic() - launched
+        time.sleep(0.5)  # the exited backends' statistics reach pg_stat_database
+        statements = probe.statement_calls()
+        top = probe.statements(8)
+        xacts = probe.transactions() - xacts_before
+    rows = _scale_rows(url, study)
+    new = [r for r in rows if r[0] >= preload]
+    states: dict[str, int] = {}
+    for r in new:
+        states[r[1]] = states.get(r[1], 0) + 1
+    finished = [r for r in new if r[1] in ("COMPLETE", "PRUNED", "FAIL") and r[3] is not None]
+    gaps: list[float] = []
+    by_worker: dict[str, list[tuple[Any, Any]]] = {}
+    for r in finished:
+        if r[4]:
+            by_worker.setdefault(r[4], []).append((r[2], r[3]))
+    for runs in by_worker.values():
+        runs.sort()
+        gaps += [(nxt[0] - cur[1]).total_seconds() * 1000 for cur, nxt in zip(runs, runs[1:])]
+    span = (max(r[3] for r in finished) - min(r[2] for r in finished)).total_seconds() \
+        if len(finished) >= 2 else 0.0  # fmt: skip
+    errors = {d.name: private_pg.connection_errors([d / "stderr.txt",
+                                                    *sorted((d / "logs").glob("*.log"))])
+              for d in sorted(case_dir.glob("host*"), key=lambda d: int(d.name[4:]))}  # fmt: skip
+    n = max(1, len(finished))
+    result.update(
+        n_trials=total,
+        finished=len(finished),
+        states=states,
+        running_or_waiting=states.get("RUNNING", 0) + states.get("WAITING", 0),
+        exact=len(finished) == trials and len(rows) == total
+        and not states.get("RUNNING") and not states.get("WAITING"),
+        trials_per_s=round(len(finished) / span, 2) if span > 0 else None,
+        span_s=round(span, 2),
+        wall_s=round(wall, 1),
+        # launch -> the first new trial's start (Optuna's naive local clock, as time.time())
+        first_trial_s=round(min(r[2] for r in new).timestamp() - launched_at, 2)
+        if new else None,  # fmt: skip
+        peak_connections=sampler.result.peak_total,  # to the study's database: the hosts'
+        peak_per_host=max(sampler.result.peak_by_group.values(), default=None),
+        connections=sampler.result.as_dict(),
+        max_connections=SCALE_MAX_CONNECTIONS,
+        ask_latency_ms=_percentiles(gaps),
+        workers_seen=len(by_worker),
+        statements_per_trial=round(statements / n, 1),
+        transactions_per_trial=round(xacts / n, 1),
+        statements=statements,
+        transactions=xacts,
+        top_statements=[{"calls": c, "per_trial": round(c / n, 2),
+                         "query": " ".join(q.split())[:200]}
+                        for c, q in top],  # fmt: skip
+        host_exit_codes=codes,
+        hosts_failed=sum(code != 0 for code in codes),
+        connection_error_lines=sum(len(lines) for lines in errors.values()),
+        hosts_with_connection_errors=sum(bool(lines) for lines in errors.values()),
+        connection_errors=[f"{host}/{line}" for host, lines in errors.items()
+                           for line in lines][:20],
+    )
+    return result
+
+
+def run_scale(args: argparse.Namespace) -> dict[str, Any]:
+    """``--scale``: the same hosts twice on a private server with ``max_connections`` 30,
+    first on a fresh study, then on one already holding ``--preload`` finished trials."""
+    sys.path.insert(0, str(REPO / "scripts"))
+    import shutil
+
+    import optuna
+    import private_pg
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    if shutil.which("unshare") is None or not private_pg.available():
+        raise SystemExit("--scale needs unshare, root (UTS namespaces) and PostgreSQL binaries")
+    # A SIGTERM (timeout(1), a CI job cancelled) unwinds like Ctrl+C: the hosts are killed,
+    # the private server stopped and its directory removed.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
+    quick = args.quick
+    hosts = args.hosts or (3 if quick else 12)
+    workers = args.workers_per_host or (1 if quick else 3)
+    trials = args.trials or (12 if quick else 360)
+    preload = args.preload if args.preload is not None else (300 if quick else 20_000)
+    r: dict[str, Any] = {"quick": quick, "machine": f"{os.cpu_count()} cores",
+                         "max_connections": SCALE_MAX_CONNECTIONS,
+                         "sleep_s": args.sleep}  # fmt: skip
+    with tempfile.TemporaryDirectory() as tmp, private_pg.private_postgres(
+        max_connections=SCALE_MAX_CONNECTIONS
+    ) as url:
+        for key, pre in (("fresh", 0), ("preloaded", preload)):
+            if key == "preloaded" and not pre:
+                continue
+            r[key] = scale_case(url, Path(tmp), hosts, workers, trials, pre, args.sleep,
+                                args.case_timeout)  # fmt: skip
+    return r
+
+
+def print_scale(r: dict[str, Any]) -> None:
+    print(f"scale: private PostgreSQL, max_connections={r['max_connections']}, "
+          f"{r['machine']}, {r['sleep_s'] * 1000:g} ms trials")  # fmt: skip
+    for key in ("fresh", "preloaded"):
+        c = r.get(key)
+        if c is None:
+            continue
+        lat = c["ask_latency_ms"]
+        conns = c["connections"]
+        print(f"\n[{key}] {c['hosts']} hosts x {c['workers_per_host']} workers, "
+              f"{c['trials']} trials on a study holding {c['preloaded']} finished "
+              "trials")  # fmt: skip
+        print(f"  exact total          {c['exact']} ({c['finished']} finished of {c['trials']}; "
+              f"states {c['states']}; --n-trials {c['n_trials']})")  # fmt: skip
+        print(f"  trials/s             {c['trials_per_s']} (span {c['span_s']} s, "
+              f"wall {c['wall_s']} s, first trial {c.get('first_trial_s', 'n/a')} s "
+              "after launch)")  # fmt: skip
+        print(f"  peak connections     {c['peak_connections']} of {c['max_connections']} "
+              f"(busiest host {c['peak_per_host']}) "
+              f"(by state {conns['peak_by_state']}; longest idle in transaction "
+              f"{conns['longest_idle_in_transaction_s']} s)")  # fmt: skip
+        print(f"  ask latency ms       p50 {lat['p50']}  p95 {lat['p95']}  p99 {lat['p99']} "
+              f"({lat['n']} gaps, {c['workers_seen']} workers)")  # fmt: skip
+        print(f"  per trial            {c['statements_per_trial']} statements, "
+              f"{c['transactions_per_trial']} transactions")  # fmt: skip
+        for s in c["top_statements"]:
+            print(f"    {s['per_trial']:>7} /trial  {s['query'][:110]}")
+        print(f"  host exit codes      {c['host_exit_codes']} ({c['hosts_failed']} failed)")
+        print(f"  connection errors    {c['connection_error_lines']} log/stderr lines on "
+              f"{c['hosts_with_connection_errors']} of {c['hosts']} hosts")  # fmt: skip
+        for line in c["connection_errors"][:3]:
+            print(f"    {line[:220]}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--json", action="store_true", help="print one JSON object")
@@ -511,7 +835,37 @@ def main() -> None:
         "--real", action="store_true", help="real objectives (scikit-learn, PyTorch, ...) only"
     )
     parser.add_argument("--only", nargs="+", metavar="NAME", help="with --real: these objectives")
+    parser.add_argument(
+        "--scale", action="store_true",
+        help="many hosts (UTS namespaces) on one study, on a private PostgreSQL server",
+    )  # fmt: skip
+    parser.add_argument("--hosts", type=int, help="with --scale: hosts [12; --quick 3]")
+    parser.add_argument(
+        "--workers-per-host", type=int, help="with --scale: --workers of each host [3; --quick 1]"
+    )
+    parser.add_argument(
+        "--trials", type=int, help="with --scale: trials per case [360; --quick 12]"
+    )
+    parser.add_argument(
+        "--preload", type=int,
+        help="with --scale: finished trials already in the second case's study "
+        "[20000; --quick 300; 0 skips that case]",
+    )  # fmt: skip
+    parser.add_argument(
+        "--sleep", type=float, default=0.03, help="with --scale: seconds per trial [0.03]"
+    )
+    parser.add_argument(
+        "--case-timeout", type=float, default=600,
+        help="with --scale: seconds before a case's hosts are killed [600]",
+    )  # fmt: skip
     args = parser.parse_args()
+    if args.scale:
+        results = run_scale(args)
+        if args.json:
+            print(json.dumps(results, indent=2, default=str))
+        else:
+            print_scale(results)
+        return
     results = run_real(args.quick, args.only) if args.real else run_all(args.quick)
     if args.json:
         print(json.dumps(results, indent=2))
