@@ -636,7 +636,8 @@ def _host_command(index: int, study: str, url: str, total: int, workers: int, so
 
 def scale_case(
     url: str, root: Path, hosts: int, workers: int, trials: int, preload: int,
-    sleep_s: float, case_timeout_s: float, extra: tuple[str, ...] = (),
+    sleep_s: float, case_timeout_s: float, max_connections: int = SCALE_MAX_CONNECTIONS,
+    extra: tuple[str, ...] = (),
 ) -> dict[str, Any]:  # fmt: skip
     """``hosts`` concurrent ``optguard run --workers W`` on one study (created here, with
     ``preload`` finished trials already in it), all with the study-wide total ``preload +
@@ -739,7 +740,7 @@ def scale_case(
         peak_connections=sampler.result.peak_total,  # to the study's database: the hosts'
         peak_per_host=max(sampler.result.peak_by_group.values(), default=None),
         connections=sampler.result.as_dict(),
-        max_connections=SCALE_MAX_CONNECTIONS,
+        max_connections=max_connections,
         ask_latency_ms=_percentiles(gaps),
         workers_seen=len(by_worker),
         statements_per_trial=round(statements / n, 1),
@@ -779,17 +780,17 @@ def run_scale(args: argparse.Namespace) -> dict[str, Any]:
     workers = args.workers_per_host or (1 if quick else 3)
     trials = args.trials or (12 if quick else 360)
     preload = args.preload if args.preload is not None else (300 if quick else 20_000)
+    limit = args.max_connections
     r: dict[str, Any] = {"quick": quick, "machine": f"{os.cpu_count()} cores",
-                         "max_connections": SCALE_MAX_CONNECTIONS,
-                         "sleep_s": args.sleep}  # fmt: skip
+                         "max_connections": limit, "sleep_s": args.sleep}  # fmt: skip
     with tempfile.TemporaryDirectory() as tmp, private_pg.private_postgres(
-        max_connections=SCALE_MAX_CONNECTIONS
+        max_connections=limit
     ) as url:
         for key, pre in (("fresh", 0), ("preloaded", preload)):
             if key == "preloaded" and not pre:
                 continue
             r[key] = scale_case(url, Path(tmp), hosts, workers, trials, pre, args.sleep,
-                                args.case_timeout)  # fmt: skip
+                                args.case_timeout, limit)  # fmt: skip
     return r
 
 
@@ -854,6 +855,11 @@ def main() -> None:
     parser.add_argument(
         "--sleep", type=float, default=0.03, help="with --scale: seconds per trial [0.03]"
     )
+    parser.add_argument(
+        "--max-connections", type=int, default=SCALE_MAX_CONNECTIONS,
+        help=f"with --scale: the private server's max_connections [{SCALE_MAX_CONNECTIONS}]; "
+        "a higher one lets code that holds more connections a host run for comparison",
+    )  # fmt: skip
     parser.add_argument(
         "--case-timeout", type=float, default=600,
         help="with --scale: seconds before a case's hosts are killed [600]",

@@ -283,3 +283,45 @@ def test_claims_from_many_threads_ride_out_an_outage_on_the_one_lock_connection(
     finally:
         slots.close()
         storage.engine.dispose()
+
+
+def test_the_hosts_copy_of_the_trials_answers_as_the_database_reading_only_what_changed(
+    tmp_path: Path,
+) -> None:
+    """Workers joining a big study are sent what their Optuna cache lacks from the host's
+    one copy (``optguard.gateway.cache``): the database is read once, then for changes."""
+    from optguard.gateway.cache import TrialCache
+
+    storage = open_storage(f"sqlite:///{tmp_path / 'c.db'}", create_schema=True)
+    study = optuna.create_study(study_name="c", storage=storage)
+    study.optimize(lambda t: t.suggest_float("x", 0, 1), n_trials=50)
+    running = [study.ask() for _ in range(2)]
+    read: list[int] = []
+    direct = storage._get_trials
+
+    def counted(*args: Any, **kwargs: Any) -> list[Any]:
+        rows = direct(*args, **kwargs)
+        read.append(len(rows))
+        return rows
+
+    storage._get_trials = counted  # type: ignore[method-assign]
+    cache = TrialCache(storage, study._study_id)
+
+    def same(included: set[int], above: int) -> None:
+        got = cache.get_trials(study._study_id, None, included, above)
+        want = direct(study._study_id, None, included, above)
+        assert [(t._trial_id, t.state, t.values) for t in got] == [
+            (t._trial_id, t.state, t.values) for t in want
+        ]
+
+    same(set(), -1)  # a worker's first ask: the whole study
+    same(set(), -1)  # the next worker's: only the two running trials are read again
+    assert read == [52, 2]
+    study.tell(running[0], 0.5)
+    for _ in range(3):
+        study.tell(study.ask(), 0.25)
+    ids = sorted(t._trial_id for t in study.get_trials(deepcopy=False))
+    read.clear()  # (the test's own study read through it too)
+    same({running[1]._trial_id}, ids[-4])  # as a worker's cache asks after the changes
+    assert read == [5]  # the two that were running, and the three new
+

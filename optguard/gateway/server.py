@@ -15,6 +15,7 @@ import threading
 from multiprocessing.connection import Connection
 from typing import TYPE_CHECKING, Any, Callable
 
+from optguard.gateway.cache import TrialCache
 from optguard.gateway.protocol import (
     CANCEL,
     ERROR,
@@ -44,6 +45,7 @@ class Gateway:
 
     def __init__(self, slots: TrialSlots) -> None:
         self._storage: Any = slots.storage
+        self._trials = TrialCache(slots.storage, slots.study_id)
         self._ops: dict[str, Callable[..., Any]] = {
             "claim": slots.claim_row,
             "set_trial_user_attrs": self._set_trial_user_attrs,
@@ -101,6 +103,8 @@ class Gateway:
             return op(*args, **kwargs)
         if name not in STORAGE_METHODS:
             raise ValueError(f"not a storage call: {name!r}")
+        if name == "_get_trials":  # what a worker's Optuna cache lacks, from the host's copy
+            return self._trials.get_trials(*args, **kwargs)
         return getattr(self._storage, name)(*args, **kwargs)
 
     def _set_trial_user_attrs(self, trial_id: int, attrs: dict[str, Any]) -> None:
