@@ -76,8 +76,8 @@ def take_handovers(
     study: optuna.Study, storage: optuna.storages.BaseStorage, study_id: int
 ) -> list[int]:
     """Enqueue, once, every listed trial its node's stop ended, and strike off the list
-    what is settled; the trial numbers enqueued. Reads the listed trials, and the whole
-    study only when one is to be retried (it says what was retried already). The caller
+    what is settled; the trial numbers enqueued. Reads the listed trials, and what says
+    which trials were retried already only when one is to be retried. The caller
     holds the study-wide lock (``TrialSlots.lock``): two nodes taking at once do not both
     enqueue."""
     from optguard.recovery import retry_once
@@ -92,8 +92,7 @@ def take_handovers(
                 continue  # deleted with its study meanwhile: nothing to retry
         numbers, running = settle(listed)
         if numbers:
-            trials = storage.get_all_trials(study_id, deepcopy=False)
-            retried += retry_once(study, trials, set(HANDED_REASONS), only=set(numbers))
+            retried += retry_once(study, storage, study_id, HANDED_REASONS, only=set(numbers))
         if running != sorted(ids):
             value = None if not running else {"trial_ids": running, "at": time.time()}
             storage.set_study_user_attr(study_id, key, value)

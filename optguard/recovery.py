@@ -126,23 +126,24 @@ def reap_stale(
     beats.update(dict.fromkeys(storage._get_stale_trial_ids(study_id), Beat.STALE))
     running = storage.get_all_trials(study_id, deepcopy=False, states=(TrialState.RUNNING,))
     reaped = _reap(storage, running, beats, skip_pids)
-    trials = storage.get_all_trials(study_id, deepcopy=False) if reaped else []
-    retried = retry_once(study, trials, {REASON_INTERRUPTED}) if reaped else []
+    retried = retry_once(study, storage, study_id, {REASON_INTERRUPTED}) if reaped else []
     return Recovery(reaped=reaped, retried=retried)
 
 
 def retry_once(
     study: optuna.Study,
-    trials: list["FrozenTrial"],
-    reasons: set[str],
+    storage: optuna.storages.BaseStorage,
+    study_id: int,
+    reasons: Collection[str],
     only: Collection[int] | None = None,
 ) -> list[int]:
     """Enqueue, once, the parameters of finished trials that optguard ended for ``reasons``
-    (of the trial numbers ``only``, if given); ``trials`` is the whole study, which says
-    what was retried already. The caller holds the study-wide lock (``TrialSlots.lock``)."""
+    (of the trial numbers ``only``, if given). The caller holds the study-wide lock
+    (``TrialSlots.lock``). Reads only what decides it (``_retry_view``): a restart of every
+    host of a big study must not load the study on each."""
     from optuna.trial import TrialState
 
-    done = {t.user_attrs.get(ATTR + "retry_of") for t in trials}
+    trials, done = _retry_view(storage, study_id)
     retried = []
     for trial in trials:
         if trial.state not in (TrialState.PRUNED, TrialState.FAIL) or trial.number in done:
@@ -156,6 +157,44 @@ def retry_once(
         _enqueue_retry(study, trial)
         retried.append(trial.number)
     return retried
+
+
+def _retry_view(
+    storage: optuna.storages.BaseStorage, study_id: int
+) -> tuple[list["FrozenTrial"], set[int]]:
+    """``(trials that may be owed a retry, numbers already retried)``. On an RDB storage one
+    query over the two user attributes that decide it (``optguard.reason``, ``.retry_of``)
+    names the pruned or failed trials with a reason; only those are loaded. A journal file
+    is read whole (Optuna replays it in memory anyway)."""
+    from optuna.trial import TrialState
+
+    from optguard.storage import rdb_backend
+
+    backend = rdb_backend(storage)
+    if backend is None:
+        trials = storage.get_all_trials(study_id, deepcopy=False)
+        return trials, {t.user_attrs.get(ATTR + "retry_of") for t in trials} - {None}
+    import json
+
+    from optuna.storages._rdb import models
+    from sqlalchemy import select
+
+    trial, attr = models.TrialModel, models.TrialUserAttributeModel
+    stmt = (
+        select(trial.trial_id, trial.state, attr.key, attr.value_json)
+        .join(attr, attr.trial_id == trial.trial_id)
+        .where(trial.study_id == study_id, attr.key.in_([ATTR + "reason", ATTR + "retry_of"]))
+    )
+    with backend.engine.connect() as conn:
+        rows = conn.execute(stmt).all()
+    done = {json.loads(v) for _, _, key, v in rows if key == ATTR + "retry_of"}
+    retries = {int(i) for i, _, key, _ in rows if key == ATTR + "retry_of"}
+    ended = (TrialState.PRUNED, TrialState.FAIL)
+    owed = sorted(
+        {int(i) for i, state, key, _ in rows if key == ATTR + "reason" and state in ended}
+        - retries
+    )
+    return [storage.get_trial(trial_id) for trial_id in owed], done
 
 
 def retry_records(trial: "FrozenTrial") -> dict[str, Any]:
@@ -189,15 +228,17 @@ def recover(
 ) -> Recovery:
     """Clear a pending stop/cancel, reap trials whose worker is gone, then retry interrupted
     ones and ``retry_reasons``."""
+    from optuna.trial import TrialState
+
     from optguard.control import clear_request
     from optguard.handover import take_handovers
 
     cleared = clear_request(storage, study_id)
     # Read from the storage itself, not the study's cache: _reap has just changed states.
     # Only this host's dead owners here: other hosts' trials are the heartbeat's to judge.
-    reaped = _reap(storage, storage.get_all_trials(study_id, deepcopy=False), {})
-    trials = storage.get_all_trials(study_id, deepcopy=False)
-    retried = retry_once(study, trials, {REASON_INTERRUPTED, *retry_reasons})
+    running = storage.get_all_trials(study_id, deepcopy=False, states=(TrialState.RUNNING,))
+    reaped = _reap(storage, running, {})
+    retried = retry_once(study, storage, study_id, {REASON_INTERRUPTED, *retry_reasons})
     # what nodes stopped by their scheduler left for the others, none of them running now
     retried += take_handovers(study, storage, study_id)
     return Recovery(reaped=reaped, retried=sorted(retried), cleared=cleared)
