@@ -24,7 +24,7 @@ if TYPE_CHECKING:
     import optuna
     from optuna.trial import FrozenTrial
 
-__all__ = ["HANDOVER_PREFIX", "offer", "pending", "settle", "take_handovers"]
+__all__ = ["HANDOVER_PREFIX", "offer", "pending", "ripe", "settle", "take_handovers"]
 
 HANDOVER_PREFIX = "optguard.retry:"
 # the reasons a node's own end gives its trials (optguard.guard, optguard.supervision)
@@ -93,7 +93,39 @@ def take_handovers(
         numbers, running = settle(listed)
         if numbers:
             retried += retry_once(study, storage, study_id, HANDED_REASONS, only=set(numbers))
-        if running != sorted(ids):
-            value = None if not running else {"trial_ids": running, "at": time.time()}
-            storage.set_study_user_attr(study_id, key, value)
+        if not running:
+            _forget(storage, study_id, key)
+        elif running != sorted(ids):
+            storage.set_study_user_attr(study_id, key, {"trial_ids": running, "at": time.time()})
     return sorted(retried)
+
+
+def ripe(storage: optuna.storages.BaseStorage, lists: Mapping[str, list[int]]) -> bool:
+    """Whether a listed trial has ended, read without the study-wide lock: the nodes still
+    running ask this each second while a stopped node's trials end, and take the lock (which
+    every claim of every host waits for) only when there is something to take."""
+    for ids in lists.values():
+        for trial_id in ids:
+            try:
+                if storage.get_trial(trial_id).state.is_finished():
+                    return True
+            except KeyError:
+                return True  # deleted: the list is to be struck off
+    return False
+
+
+def _forget(storage: optuna.storages.BaseStorage, study_id: int, key: str) -> None:
+    """Remove a taken list: each one left would be read by every node every second. Optuna
+    has no call that deletes a study attribute; a journal file keeps it as ``None``."""
+    from optguard.storage import rdb_backend
+
+    backend = rdb_backend(storage)
+    if backend is None:
+        storage.set_study_user_attr(study_id, key, None)
+        return
+    from optuna.storages._rdb import models
+    from sqlalchemy import delete
+
+    attr = models.StudyUserAttributeModel
+    with backend.engine.begin() as conn:
+        conn.execute(delete(attr).where(attr.study_id == study_id, attr.key == key))

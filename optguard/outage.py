@@ -109,7 +109,6 @@ def waiting_with(wait: Callable[[float], None]) -> Iterator[None]:
         _pauses.wait = previous
 
 
-
 def causes(exc: BaseException) -> list[BaseException]:
     """``exc`` and what it wraps, outermost first: SQLAlchemy's ``.orig``, else ``__cause__``."""
     chain: list[BaseException] = []
@@ -300,4 +299,3 @@ def outage_of(storage: Any) -> Outage:
         return found
     url = str(getattr(storage, "url", getattr(backend, "url", "")))
     return Outage(url, 0.0)
-

@@ -17,7 +17,12 @@ if TYPE_CHECKING:
     from optuna.trial import FrozenTrial
 
 __all__ = [
-    "Recovery", "mark_interrupted", "reap_stale", "recover", "retry_once", "retry_records",
+    "Recovery",
+    "mark_interrupted",
+    "reap_stale",
+    "recover",
+    "retry_once",
+    "retry_records",
 ]
 
 ATTR = "optguard."
@@ -191,8 +196,7 @@ def _retry_view(
     retries = {int(i) for i, _, key, _ in rows if key == ATTR + "retry_of"}
     ended = (TrialState.PRUNED, TrialState.FAIL)
     owed = sorted(
-        {int(i) for i, state, key, _ in rows if key == ATTR + "reason" and state in ended}
-        - retries
+        {int(i) for i, state, key, _ in rows if key == ATTR + "reason" and state in ended} - retries
     )
     return [storage.get_trial(trial_id) for trial_id in owed], done
 

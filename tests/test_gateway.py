@@ -37,7 +37,7 @@ PG_PORT = sqlalchemy.engine.make_url(PG_URL).port or 5432
 
 def _client(gateway: Gateway) -> Any:
     """A worker's storage, as ``optguard worker`` takes it from its environment."""
-    theirs = gateway.connect("test")
+    theirs, _ = gateway.connect("test")
     os.environ[FD_ENV] = str(theirs.detach())
     client = take_gateway()
     assert client is not None and FD_ENV not in os.environ
@@ -325,3 +325,184 @@ def test_the_hosts_copy_of_the_trials_answers_as_the_database_reading_only_what_
     same({running[1]._trial_id}, ids[-4])  # as a worker's cache asks after the changes
     assert read == [5]  # the two that were running, and the three new
 
+
+
+def _unreadable() -> None:
+    raise ModuleNotFoundError("No module named 'the_objectives_module'")
+
+
+class _Unreadable:
+    """A value the supervisor cannot unpickle, as a class of the objective's own module."""
+
+    def __reduce__(self) -> tuple[Any, tuple[()]]:
+        return _unreadable, ()
+
+
+def test_a_value_the_supervisor_cannot_read_fails_that_call_not_the_worker(
+    served: tuple[Any, Any, Gateway], pg_study: str
+) -> None:
+    """Review: the serving thread died on it, and the run ended with exit 3; a worker with
+    its own storage fails only that trial (Optuna's JSON refuses the value)."""
+    _, client, _ = served
+    study = optuna.load_study(study_name=pg_study, storage=_CachedStorage(client))
+    trial = GatewaySlots(client, pg_study).claim(study, None, {"optguard.worker": "h:1:2:0"})
+    assert trial is not None
+    with pytest.raises(TypeError, match="the supervisor cannot read"):
+        client.set_trial_user_attr(trial._trial_id, "note", _Unreadable())
+    client.set_trial_user_attr(trial._trial_id, "note", "fine")  # the channel still works
+    assert client.get_trial(trial._trial_id).user_attrs["note"] == "fine"
+
+
+class _SlowSecondAttempt:
+    """A storage whose call fails once as in an outage, then takes 1 s and succeeds."""
+
+    def __init__(self) -> None:
+        from optguard.outage import Outage
+
+        self.outage = Outage("postgresql://fake/db", 30)
+        self.done: list[tuple[int, float]] = []
+        self.attempts = 0
+
+    def set_trial_intermediate_value(self, trial_id: int, step: int, value: float) -> None:
+        def attempt() -> None:
+            self.attempts += 1
+            if self.attempts == 1:
+                raise sqlalchemy.exc.OperationalError(
+                    "UPDATE", None, Exception("server closed the connection unexpectedly")
+                )
+            time.sleep(1.0)
+            self.done.append((step, value))
+
+        self.outage.call(attempt)
+
+    def get_study_id_from_name(self, name: str) -> int:
+        return 7
+
+
+class _FakeSlots:
+    def __init__(self, storage: Any) -> None:
+        self.storage = storage
+        self.study_id = 7
+
+    def claim_row(self, *_: Any) -> None:
+        return None
+
+    def count_trials(self) -> int:
+        return 0
+
+
+def test_an_interrupt_during_an_attempt_waits_for_its_answer_then_is_raised(
+    study_name: str,
+) -> None:
+    """Review: the worker raised at once and the attempt committed after it: a call left
+    half known. Now the worker hears how the call ended, then raises its interrupt."""
+    storage = _SlowSecondAttempt()
+    client = _client(Gateway(_FakeSlots(storage)))  # type: ignore[arg-type]
+    real = optuna.create_study(study_name=study_name)  # only for the handlers' trial
+    timer = threading.Timer(0.5, os.kill, (os.getpid(), signal.SIGTERM))  # in attempt 2
+    timer.start()
+    try:
+        with _worker_handlers(real.ask()), pytest.raises(GuardPruned):
+            client.set_trial_intermediate_value(1, 0, 2.0)
+        assert storage.done == [(0, 2.0)]  # the attempt under way finished first
+        assert client.get_study_id_from_name("any") == 7  # answers still match their calls
+    finally:
+        timer.cancel()
+        client.close()
+
+
+def test_a_forked_child_of_the_worker_does_not_hold_the_supervisors_socket(
+    served: tuple[Any, Any, Gateway], pg_study: str
+) -> None:
+    """Review: a forked child (a data loader's worker) kept the gateway's socket: the
+    serving thread outlived the worker, and the child's calls would cross the worker's."""
+    _, client, _ = served
+    fd = client._conn.fileno()
+    read, write = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child: its copy of the socket is closed, its calls refused
+        try:
+            os.fstat(fd)
+            verdict = b"held"
+        except OSError:
+            try:
+                client.get_study_id_from_name(pg_study)
+                verdict = b"served"
+            except StorageError:
+                verdict = b"closed"
+        os.write(write, verdict)
+        os._exit(0)
+    os.close(write)
+    os.waitpid(pid, 0)
+    assert os.read(read, 16) == b"closed"
+    os.close(read)
+    assert client.get_study_id_from_name(pg_study) >= 0  # the worker's own still works
+
+
+HANG_FIRST = """
+import time
+
+
+def objective(trial):
+    x = trial.suggest_float("x", 0, 1)
+    if trial.number == 0:
+        time.sleep(3600)
+    time.sleep(0.05)
+    return x
+"""
+
+
+@pytest.mark.scenario
+def test_a_worker_call_held_by_the_database_does_not_hold_the_enforcement(
+    tmp_path: Path, pg_study: str
+) -> None:
+    """Review: the loop read the study's requests on the one connection, behind a worker's
+    claim that waited on a row lock: a trial past --timeout went on until the lock was
+    released. The periodic storage work now has a thread of its own (``Poller``)."""
+    import datetime
+
+    (tmp_path / "obj.py").write_text(HANG_FIRST)
+    run = subprocess.Popen(
+        [sys.executable, "-m", "optguard", "run", "--study", pg_study, "--workers", "2",
+         "--objective", f"{tmp_path / 'obj.py'}:objective", "--n-trials", "400",
+         "--timeout", "2", "--grace", "1", "--storage", PG_URL],
+        cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    engine = sqlalchemy.create_engine(PG_URL, poolclass=sqlalchemy.pool.NullPool)
+    try:
+        deadline = time.monotonic() + 60
+        while True:  # trial 0 hangs on one worker, the other has finished a trial
+            assert run.poll() is None and time.monotonic() < deadline, run.communicate()
+            try:
+                states = [t.state for t in optuna.load_study(
+                    study_name=pg_study, storage=PG_URL).get_trials(deepcopy=False)]
+            except KeyError:
+                states = []
+            if states[:1] == [TrialState.RUNNING] and TrialState.COMPLETE in states:
+                break
+            time.sleep(0.1)
+        with engine.connect() as conn:  # the next claim waits on the study row
+            conn.execute(
+                sqlalchemy.text(
+                    "SELECT 1 FROM studies WHERE study_name = :s FOR UPDATE"
+                ).bindparams(s=pg_study)
+            )
+            time.sleep(8)
+            released = datetime.datetime.now()
+            conn.rollback()
+        time.sleep(1)
+        run.send_signal(signal.SIGINT)
+        run.send_signal(signal.SIGINT)
+        run.communicate(timeout=60)
+    finally:
+        engine.dispose()
+        if run.poll() is None:
+            run.kill()
+            run.communicate()
+    lines = [
+        line for log in (tmp_path / "logs").glob("worker_*.log")
+        for line in log.read_text().splitlines() if "trial=0 " in line and "Trial timeout" in line
+    ]  # fmt: skip
+    assert lines, "trial 0 was never timed out"
+    stamp = datetime.datetime.strptime(lines[0][:23], "%Y-%m-%d %H:%M:%S,%f")
+    assert stamp < released, (lines[0], released)  # enforced while the lock was held

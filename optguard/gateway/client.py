@@ -10,12 +10,21 @@ from __future__ import annotations
 
 import functools
 import os
+import pickle
 import threading
 from multiprocessing.connection import Connection
 from typing import TYPE_CHECKING, Any, Callable
 
 from optguard.errors import StorageError
-from optguard.gateway.protocol import CANCEL, ERROR, FD_ENV, OK, RETRYING, STORAGE_METHODS
+from optguard.gateway.protocol import (
+    CANCEL,
+    CANCELLED,
+    ERROR,
+    FD_ENV,
+    OK,
+    RETRYING,
+    STORAGE_METHODS,
+)
 from optguard.storage_calls import between_attempts, guarded
 
 if TYPE_CHECKING:
@@ -33,8 +42,12 @@ def take_gateway() -> Any | None:
     if fd_text is None or not fd_text.isdigit():
         return None
     fd = int(fd_text)
-    os.set_inheritable(fd, False)
-    return _client_class()(Connection(fd))
+    os.set_inheritable(fd, False)  # an exec'd child does not get it
+    client = _client_class()(Connection(fd))
+    # a forked one (a data loader's worker) closes its copy: it would keep the supervisor's
+    # thread waiting after this worker's exit, and its calls would cross this worker's
+    os.register_at_fork(after_in_child=client.close)
+    return client
 
 
 class _Client:
@@ -51,8 +64,9 @@ class _Client:
         with self._lock:
             self._seq += 1
             seq = self._seq
+            call = pickle.dumps((name, args, kwargs))  # one that cannot pickle is not sent
             try:
-                self._conn.send((seq, name, args, kwargs))
+                self._conn.send((seq, call))
                 kind, payload = self._answer(seq)
             except (OSError, EOFError) as exc:
                 raise StorageError(
@@ -73,6 +87,7 @@ class _Client:
                             pass
                 except BaseException:
                     self._conn.send((CANCEL, seq))
+                    self._last_answer(seq)  # given up between attempts, or done in one
                     raise
             kind, answered, payload = self._conn.recv()
             if answered != seq:
@@ -83,6 +98,13 @@ class _Client:
             if kind not in (OK, ERROR):
                 raise StorageError(f"the supervisor answered {kind!r}")
             return kind, payload
+
+    def _last_answer(self, seq: int) -> None:
+        """Wait for the end of call ``seq``, given up: at most one attempt away."""
+        while True:
+            kind, answered, _ = self._conn.recv()
+            if answered == seq and kind in (OK, ERROR, CANCELLED):
+                return
 
     def close(self) -> None:
         self._conn.close()

@@ -1,10 +1,14 @@
 """What a worker may ask of its supervisor's storage, and how answers and errors travel.
 
-A request is ``(seq, name, args, kwargs)``; an answer ``(kind, seq, payload)``, where kind
-is ``OK`` (the result), ``ERROR`` (the exception, raised again in the worker) or
-``RETRYING`` (the call waits out an outage: the worker may give it up meanwhile, by sending
-``(CANCEL, seq)``). Messages are pickled by ``multiprocessing.connection`` over a socket pair
-that only the two processes hold.
+A request is ``(seq, call)``, ``call`` being ``(name, args, kwargs)`` pickled on its own: a
+value the supervisor cannot unpickle (a class of the objective's module) fails that call,
+not the worker's whole channel. An answer is ``(kind, seq, payload)``, where kind is ``OK``
+(the result), ``ERROR`` (the exception, raised again in the worker), ``RETRYING`` (the call
+waits out an outage: the worker may give it up meanwhile by sending ``(CANCEL, seq)``) or
+``CANCELLED`` (given up between two attempts: nothing of it was done). A call given up
+during an attempt is answered ``OK`` or ``ERROR`` as usual, and the worker waits for that
+last answer before it raises its interrupt: a call is never left half known. Messages are
+pickled by ``multiprocessing.connection`` over a socket pair only the two processes hold.
 """
 
 from __future__ import annotations
@@ -16,6 +20,7 @@ from optguard.urls import journal_path, sqlite_path
 
 __all__ = [
     "CANCEL",
+    "CANCELLED",
     "ERROR",
     "FD_ENV",
     "OK",
@@ -27,7 +32,7 @@ __all__ = [
 ]
 
 FD_ENV = "OPTGUARD_GATEWAY_FD"  # the worker's end of its socket pair
-OK, ERROR, RETRYING, CANCEL = "ok", "error", "retrying", "cancel"
+OK, ERROR, RETRYING, CANCEL, CANCELLED = "ok", "error", "retrying", "cancel", "cancelled"
 
 # The RDB storage methods a worker's calls reach: Optuna's BaseStorage, and those Optuna's
 # cache (``_CachedStorage``) calls on its backend. Anything else is refused.

@@ -10,14 +10,17 @@ from __future__ import annotations
 
 import functools
 import logging
+import pickle
 import socket
 import threading
 from multiprocessing.connection import Connection
 from typing import TYPE_CHECKING, Any, Callable
 
+from optguard.errors import StorageError
 from optguard.gateway.cache import TrialCache
 from optguard.gateway.protocol import (
     CANCEL,
+    CANCELLED,
     ERROR,
     OK,
     OPERATIONS,
@@ -55,15 +58,16 @@ class Gateway:
         if set(self._ops) != OPERATIONS:
             raise RuntimeError("the gateway's operations and its protocol disagree")
 
-    def connect(self, name: str) -> socket.socket:
-        """A new worker's end of a socket pair, served from now on by a thread of its own,
-        which ends when the worker closes its end (it exited)."""
+    def connect(self, name: str) -> tuple[socket.socket, threading.Thread]:
+        """A new worker's end of a socket pair, and the thread that serves it from now on,
+        which ends once the worker closed its end (it exited) and its last call is done."""
         ours, theirs = socket.socketpair()
         conn = Connection(ours.detach())
-        threading.Thread(
+        served = threading.Thread(
             target=self._serve, args=(conn,), name=f"optguard-gateway-{name}", daemon=True
-        ).start()
-        return theirs
+        )
+        served.start()
+        return theirs, served
 
     def _serve(self, conn: Connection) -> None:
         try:
@@ -71,15 +75,24 @@ class Gateway:
                 message = conn.recv()
                 if message[0] == CANCEL:
                     continue  # given up after its answer was sent: nothing left to stop
-                seq, name, args, kwargs = message
+                seq, call = message
+                try:
+                    name, args, kwargs = pickle.loads(call)
+                except Exception as exc:  # deliberately broad: any unpickling error
+                    conn.send((ERROR, seq, TypeError(f"the supervisor cannot read {exc}")))
+                    continue
                 try:
                     with waiting_with(functools.partial(self._wait, conn, seq, [False])):
                         answer = (OK, seq, self._dispatch(name, args, kwargs))
                 except _Abandoned:
-                    continue
+                    answer = (CANCELLED, seq, None)
                 except Exception as exc:  # deliberately broad: the worker raises it again
                     answer = (ERROR, seq, portable(exc))
-                conn.send(answer)
+                try:
+                    conn.send(answer)
+                except (pickle.PicklingError, TypeError, AttributeError) as exc:
+                    # a result that does not pickle: nothing was written, say why instead
+                    conn.send((ERROR, seq, StorageError(f"cannot send the result: {exc}")))
         except (EOFError, OSError):
             pass  # the worker exited (or died): its calls are over
         finally:
@@ -96,6 +109,7 @@ class Gateway:
             message = conn.recv()
             if message == (CANCEL, seq):
                 raise _Abandoned
+            _log.warning("gateway: unexpected message during call %d: %r", seq, message[:1])
 
     def _dispatch(self, name: str, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
         op = self._ops.get(name)

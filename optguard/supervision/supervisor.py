@@ -47,7 +47,7 @@ from optguard.errors import (
 from optguard.gateway import serves
 from optguard.gateway.server import Gateway
 from optguard.guard import REASON_MEMORY, REASON_SYSTEM_MEMORY, Violation
-from optguard.handover import offer, pending, take_handovers
+from optguard.handover import offer, pending, ripe, take_handovers
 from optguard.liveness import Proc, parse_owner, probe_trial
 from optguard.outage import outage_of
 from optguard.preflight import check_run_inputs
@@ -72,6 +72,7 @@ from optguard.supervision.exits import Exit, classify_exit, describe_exit
 from optguard.supervision.keeper import start_keeper, tell_keeper
 from optguard.supervision.orphans import ORPHAN_GRACE_S, Orphans
 from optguard.supervision.outcome import Ended, fail_fast_error, incomplete_error
+from optguard.supervision.poller import Poller
 from optguard.supervision.workers import Worker, spawn_worker
 from optguard.termination import TERMINATED_ATTR, TerminatorWatch, terminate_error
 from optguard.timeline import SPOOL_EVERY_S, drop_spool, spool_path, write_spool
@@ -230,6 +231,10 @@ class _Supervisor:
         self.ended_by: str | None = None  # --patience or study.stop(): exit 0
         self.signals_seen = 0
         self.requests_at = 0.0
+        self.requested: str | None = None  # the study's stop or cancel request, last read
+        # (trial ids its workers run, their pids): what the heartbeat beats for and spares
+        self.beats: tuple[frozenset[int], frozenset[int]] = (frozenset(), frozenset())
+        self.poller: Poller | None = None  # the periodic storage work, with a gateway
         self.heartbeat_at = 0.0
         self.progress_at = 0.0
         self.fatal: OptguardError | None = None
@@ -271,7 +276,7 @@ class _Supervisor:
                 if self.cancelling:  # claimed as the cancel came: cancelled like the others
                     self.cancelled_ids.add(worker.trial.trial_id)
                     if self.handing_over:
-                        self.outage.poll(self.hand_over, None)
+                        self.hand_over()
                 worker.checkpoint_until = 0.0  # the last trial's hold is not this one's
                 self.write_limits()
             elif kind == "interrupted" and _about(worker.trial, event):
@@ -744,10 +749,9 @@ class _Supervisor:
         has no heartbeat (this host's dead trials are reaped by the next run here)."""
         if not is_rdb(self.storage):
             return
-        for worker in self.workers.values():
-            if worker.trial is not None:
-                self.storage.record_heartbeat(worker.trial.trial_id)
-        own = frozenset(w.proc.pid for w in self.workers.values())
+        beating, own = self.beats  # as the loop last saw its workers (this may be a thread)
+        for trial_id in beating:
+            self.storage.record_heartbeat(trial_id)
         with self.slots.lock():  # two hosts reaping at once neither reap nor retry twice
             stale = reap_stale(self.study, self.storage, self.study_id, own)
         if stale.reaped and self.on_notice is not None:
@@ -770,11 +774,19 @@ class _Supervisor:
 
     def hand_over(self) -> None:
         """This node was stopped by a SIGTERM: list the trials it runs for the nodes still
-        running, before they end (``optguard.handover``)."""
+        running, before they end (``optguard.handover``). The storage down: the next run
+        of the study retries them (``interrupted`` ones; ``cancelled`` ones are lost)."""
+
+        def offered() -> bool:
+            with self.slots.lock():  # a node taking the list rewrites it
+                offer(self.storage, self.study_id, self.run_id, handed)
+            return True
+
         handed = self.cancelled_ids | self.interrupted_ids
-        with self.slots.lock():  # a node taking the list rewrites it
-            offer(self.storage, self.study_id, self.run_id, handed)
-        _log.info("trial id(s) %s handed over to the nodes still running", sorted(handed))
+        if self.outage.poll(offered, False):
+            _log.info("trial id(s) %s handed over to the nodes still running", sorted(handed))
+        else:
+            _log.warning("storage down: trial id(s) %s not handed over", sorted(handed))
 
     # -- stop and cancel: Ctrl+C, SIGTERM, or a request in the study's storage ------------------
     def handle_requests(self, now: float) -> None:
@@ -792,14 +804,35 @@ class _Supervisor:
                 self.outage.poll(self.check_plateau, None)
             if self.opts.terminate and not self.draining:
                 self.outage.poll(lambda: self.check_terminator(now), None)
-            attrs = self.outage.poll(lambda: self.storage.get_study_user_attrs(self.study_id), {})
-            action = request_in(attrs)
-            if pending(attrs) and not self.draining:  # a node stopped by its scheduler
-                self.outage.poll(self.take_handovers, [])
+            if self.poller is None:
+                self.poll_requests()
+            action = self.requested
             if action == "stop" and not self.draining:
                 self.stop("optguard stop: no new trials, running trials finish")
             elif action == "cancel" and not self.cancelling:
                 self.cancel("optguard cancel: running trials are pruned at their next check")
+
+    # -- the periodic storage work: here, or in the poller's thread with a gateway ----------
+    def storage_jobs(self) -> list[tuple[float, Callable[[], object]]]:
+        return [
+            (REQUESTS_EVERY_S, self.poll_requests),
+            (self.opts.heartbeat_s, lambda: self.outage.poll(self.heartbeat, None)),
+            (PROGRESS_EVERY_S, self.poll_progress),
+        ]
+
+    def poll_requests(self) -> None:
+        """A stop or cancel request, and trials nodes stopped by their scheduler handed
+        over: one read of the study's user attributes."""
+        attrs = self.outage.poll(lambda: self.storage.get_study_user_attrs(self.study_id), None)
+        if attrs is None:
+            return  # the storage is down: the last answer stands
+        self.requested = request_in(attrs)
+        lists = pending(attrs)  # trials of nodes stopped by their scheduler
+        if lists and not self.draining and self.outage.poll(lambda: ripe(self.storage, lists), 0):
+            self.outage.poll(self.take_handovers, [])
+
+    def poll_progress(self) -> None:
+        self.progress = self.outage.poll(self.read_progress, self.progress)
 
     def check_plateau(self) -> None:
         """``--patience``: end the study on every host once the best value stops improving."""
@@ -836,9 +869,10 @@ class _Supervisor:
             self.storage.set_study_user_attr(self.study_id, TERMINATED_ATTR, verdict.reason)
             self.end_on_purpose(verdict.reason)
             return
-        if self.on_progress is None and now - self.progress_at > PROGRESS_EVERY_S:
-            self.progress_at = now  # the loop reads the progress only for on_progress
-            self.progress = self.read_progress()
+        if self.poller is None and self.on_progress is None:
+            if now - self.progress_at > PROGRESS_EVERY_S:
+                self.progress_at = now  # the loop reads the progress only for on_progress
+                self.progress = self.read_progress()
         # Due or not is decided on the progress's count (read every PROGRESS_EVERY_S); all the
         # complete trials (seconds at thousands) are read only for an evaluation that starts.
         watch.offer(
@@ -883,13 +917,13 @@ class _Supervisor:
         for worker in self.workers.values():
             if worker.trial is not None:
                 self.cancelled_ids.add(worker.trial.trial_id)
-        if self.handing_over and self.cancelled_ids | self.interrupted_ids:
-            self.outage.poll(self.hand_over, None)
             # Not ready, or leaving after its last trial: nothing to record, end it now. One
             # between two trials may have just claimed the next (its start not read yet): it
             # got the stop, and a trial it started is cancelled like any other.
             if not worker.ready or worker.exiting_at is not None:
                 self.end_worker(worker, "cancelled", now)
+        if self.handing_over and self.cancelled_ids | self.interrupted_ids:
+            self.hand_over()
 
     # -- loop --------------------------------------------------------------------------------
     def run(self) -> RunResult:
@@ -923,6 +957,9 @@ class _Supervisor:
         previous = {s: signal.signal(s, self.signals.handler) for s in handled}
         try:
             self.progress = self.read_progress()
+            if self.gateway is not None:  # the loop must not wait behind the workers' calls
+                self.poller = Poller(self.storage_jobs())
+                self.poller.start()
             if self.has_work():
                 for index in range(self.opts.workers):
                     self.spawn(index)
@@ -931,6 +968,8 @@ class _Supervisor:
             self.fatal = self.fatal or exc
             self.shutdown()
         finally:
+            if self.poller is not None:
+                self.poller.stop()
             for signum, handler in previous.items():
                 signal.signal(signum, handler)
             self.orphans.kill_all()
@@ -1008,9 +1047,9 @@ class _Supervisor:
             return False
         if self.fatal is not None or self.draining or self.stopping:
             return True
-        if now - self.progress_at > PROGRESS_EVERY_S:
+        if self.poller is None and now - self.progress_at > PROGRESS_EVERY_S:
             self.progress_at = now
-            self.progress = self.outage.poll(self.read_progress, self.progress)
+            self.poll_progress()
         if self.progress.states.get("WAITING", 0) > 0:
             for index in range(self.opts.workers):
                 self.spawn(index)
@@ -1025,7 +1064,10 @@ class _Supervisor:
         # the last look before the end: a node stopped meanwhile may have left trials to run
         if self.outage.poll(self.take_handovers, []):
             self.progress_at = now
-            self.progress = self.outage.poll(self.read_progress, self.progress)
+            # a whole read: the poller's thread may be using the incremental reader
+            self.progress = self.outage.poll(
+                lambda: read_progress(self.storage, self.study_id), self.progress
+            )
             return not self.progress.states.get("WAITING", 0) and not self.progress.running
         return True
 
@@ -1069,12 +1111,20 @@ class _Supervisor:
             if not self.stopping and not self.cancelling:
                 self.watch_system_memory(now)
             self.list_trees(now)
-            if now - self.heartbeat_at > self.opts.heartbeat_s:
+            self.beats = (
+                frozenset(w.trial.trial_id for w in self.workers.values() if w.trial is not None),
+                frozenset(w.proc.pid for w in self.workers.values()),
+            )
+            if self.poller is not None:
+                if self.poller.error is not None:
+                    raise self.poller.error
+            elif now - self.heartbeat_at > self.opts.heartbeat_s:
                 self.heartbeat_at = now
                 self.outage.poll(self.heartbeat, None)
             if self.on_progress and now - self.progress_at > PROGRESS_EVERY_S:
                 self.progress_at = now
-                self.progress = self.outage.poll(self.read_progress, self.progress)
+                if self.poller is None:
+                    self.poll_progress()
                 self.on_progress(self.progress)
             self.wait_events(POLL_S)
 

@@ -16,6 +16,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, TYPE_CHECKING
@@ -31,6 +32,8 @@ if TYPE_CHECKING:
     from optguard.gateway.server import Gateway
 
 __all__ = ["Worker", "spawn_worker"]
+
+GATEWAY_JOIN_S = 10.0  # a call that takes longer (an outage) is judged without waiting
 
 
 @dataclass
@@ -59,6 +62,7 @@ class Worker:
     sent: str | None = None  # optguard's own SIGKILL, in words, for the exit description
     exit_why: str = "done"  # why it left after its last trial (its stop reason)
     storage_error: str | None = None  # why it gave up on the storage (past --storage-outage)
+    served: threading.Thread | None = None  # its gateway thread (optguard.gateway)
 
     @property
     def tag(self) -> str:
@@ -101,6 +105,10 @@ class Worker:
         self.out.close()
         os.close(self.control_fd)
         os.close(self.status.fd)
+        if self.served is not None:
+            # The call it had under way still runs in the gateway (a tell, say): let it end
+            # before its trial is judged, as its own connection's would have when it died.
+            self.served.join(GATEWAY_JOIN_S)
 
 
 def worker_argv(opts: RunOptions, index: int) -> list[str]:
@@ -169,7 +177,7 @@ def spawn_worker(
     out = log_path.with_suffix(".out").open("ab")
     status_r, status_w, control_r, control_w = channel.open_pipe_pair()
     url_r = _url_pipe(url)
-    theirs = None if gateway is None else gateway.connect(f"w{index}.{uid}")
+    theirs, served = (None, None) if gateway is None else gateway.connect(f"w{index}.{uid}")
     fds = (status_w, control_r, url_r) + (() if theirs is None else (theirs.fileno(),))
     env = {k: v for k, v in os.environ.items() if k != channel.STORAGE_ENV}
     # Thread pools are sized when their library loads (optuna loads NumPy before the
@@ -213,5 +221,6 @@ def spawn_worker(
         log_path, f"{index}:{proc.pid}", name=f"optguard.supervisor.w{index}", trial="-"
     )
     return Worker(
-        index, uid, proc, wlog, log_path, out, channel.LineReader(status_r), control_w, now
+        index, uid, proc, wlog, log_path, out, channel.LineReader(status_r), control_w, now,
+        served=served,
     )
