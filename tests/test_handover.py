@@ -11,7 +11,7 @@ import pytest
 from conftest import sqlite_url
 from optuna.trial import TrialState
 
-from optguard.handover import HANDOVER_PREFIX, offer, pending, settle, take_handovers
+from optguard.handover import HANDOVER_PREFIX, offer, pending, ripe, settle, take_handovers
 from optguard.recovery import recover
 from optguard.storage import open_storage, set_trial_user_attrs
 
@@ -83,8 +83,11 @@ def test_a_list_is_taken_once_as_its_trials_end_and_a_restart_takes_what_is_left
         trial.suggest_float("x", 0, 1)
     offer(storage, sid, "nodeA", [t._trial_id for t in trials[:3]])
     offer(storage, sid, "nodeB", [trials[3]._trial_id])
+    lists = pending(storage.get_study_user_attrs(sid))
+    assert not ripe(storage, lists)  # nothing ended: no node takes the study-wide lock
     _end(storage, trials[0], TrialState.PRUNED, "interrupted")
     _end(storage, trials[1], TrialState.COMPLETE, None)
+    assert ripe(storage, lists)
     # trial 2 still runs: A's list keeps it; B's list is all running
     assert take_handovers(study, storage, sid) == [0]
     assert take_handovers(study, storage, sid) == []  # taken once
@@ -96,7 +99,8 @@ def test_a_list_is_taken_once_as_its_trials_end_and_a_restart_takes_what_is_left
     _end(storage, trials[3], TrialState.PRUNED, "interrupted")
     # no live node took these: the next run's start does, with nothing taken twice
     assert recover(study, storage, sid).retried == [2, 3]
-    assert pending(storage.get_study_user_attrs(sid)) == {}
+    # taken lists are deleted: every node reads the study's attributes every second
+    assert not [k for k in storage.get_study_user_attrs(sid) if k.startswith(HANDOVER_PREFIX)]
     waiting = storage.get_all_trials(sid, states=(TrialState.WAITING,))
     assert sorted(t.user_attrs["optguard.retry_of"] for t in waiting) == [0, 2, 3]
     assert recover(study, storage, sid).retried == []
