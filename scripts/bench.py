@@ -600,6 +600,30 @@ def _percentiles(values: list[float]) -> dict[str, float | None]:
             "n": len(values)}  # fmt: skip
 
 
+def claim_timing(url: str, study: str, n: int) -> dict[str, float | None]:
+    """Milliseconds of one claim (the study-wide lock, the count against ``--n-trials`` and
+    the trial's creation: what every worker of every host waits for, one at a time), taken
+    ``n`` times on the study after its case, each trial finished before the next claim."""
+    from optuna.trial import TrialState
+
+    from optguard.storage import TrialSlots, open_storage
+
+    storage = open_storage(url, gateway=True)
+    slots = TrialSlots(storage, study)
+    times = []
+    try:
+        for _ in range(n):
+            start = time.perf_counter()
+            claimed = slots.claim_row(10**9, {"optguard.worker": "bench:claims"})
+            times.append((time.perf_counter() - start) * 1000)
+            if claimed is not None:
+                storage.set_trial_state_values(claimed[0], TrialState.COMPLETE, [0.0])
+    finally:
+        slots.close()
+        storage.engine.dispose()
+    return _percentiles(times)
+
+
 def _scale_rows(url: str, study: str) -> list[tuple[int, str, Any, Any, str | None]]:
     """(number, state, start, complete, optguard.worker) of every trial, read with one query
     (no FrozenTrial per row: the study may hold 20,000 more)."""
@@ -710,6 +734,7 @@ def scale_case(
         top = probe.statements(8)
         xacts = probe.transactions() - xacts_before
     rows = _scale_rows(url, study)
+    claims = claim_timing(url, study, 20 if trials < 100 else 200)  # after the rows are read
     new = [r for r in rows if r[0] >= preload]
     states: dict[str, int] = {}
     for r in new:
@@ -747,6 +772,7 @@ def scale_case(
         connections=sampler.result.as_dict(),
         max_connections=max_connections,
         ask_latency_ms=_percentiles(gaps),
+        claim_ms=claims,
         workers_seen=len(by_worker),
         statements_per_trial=round(statements / n, 1),
         transactions_per_trial=round(xacts / n, 1),
@@ -822,6 +848,9 @@ def print_scale(r: dict[str, Any]) -> None:
               f"{conns['longest_idle_in_transaction_s']} s)")  # fmt: skip
         print(f"  ask latency ms       p50 {lat['p50']}  p95 {lat['p95']}  p99 {lat['p99']} "
               f"({lat['n']} gaps, {c['workers_seen']} workers)")  # fmt: skip
+        claim = c["claim_ms"]
+        print(f"  one claim ms         p50 {claim['p50']}  p95 {claim['p95']} "
+              f"(alone, {claim['n']} claims after the case)")  # fmt: skip
         print(f"  per trial            {c['statements_per_trial']} statements, "
               f"{c['transactions_per_trial']} transactions")  # fmt: skip
         for s in c["top_statements"]:

@@ -83,4 +83,5 @@ def test_bench_scale_quick_json() -> None:
         assert row["peak_connections"] > 0 and row["connections"]["samples"] > 0
         assert row["statements_per_trial"] > 0 and row["transactions_per_trial"] > 0
         assert set(row["ask_latency_ms"]) == {"p50", "p95", "p99", "n"}
+        assert row["claim_ms"]["n"] == 20 and row["claim_ms"]["p50"] > 0
         assert isinstance(row["exact"], bool) and isinstance(row["connection_errors"], list)
