@@ -290,6 +290,12 @@ def run(
         "--threads-per-worker cores (a replacement gets the same ones). [off]",
     ),
     keep_pools: Optional[bool] = KeepPoolsOpt,
+    gateway: Optional[bool] = typer.Option(
+        None, "--gateway/--no-gateway", help="On PostgreSQL or MySQL, the workers' storage "
+        "calls go through the supervisor: 2 database connections per host whatever --workers "
+        "is. --no-gateway gives each worker its own 2 (faster for trials of milliseconds). "
+        "[gateway]",
+    ),
     gpus: Optional[str] = typer.Option(
         None, "--gpus", help="GPUs to share out among the workers, as CUDA_VISIBLE_DEVICES: "
         "0,1,2,3 or all (--workers then defaults to the number of groups). [none]",
@@ -314,7 +320,7 @@ def run(
         checkpoint_store=checkpoint_store, artifacts=artifacts, artifacts_all=artifacts_all,
         start_timeout=start_timeout, fail_fast=fail_fast, storage_outage=storage_outage,
         threads_per_worker=threads_per_worker, cpu_affinity=cpu_affinity, keep_pools=keep_pools,
-        gpus=gpus, gpus_per_worker=gpus_per_worker, max_vram=max_vram,
+        gateway=gateway, gpus=gpus, gpus_per_worker=gpus_per_worker, max_vram=max_vram,
     )  # fmt: skip
     import os
 

@@ -66,6 +66,7 @@ CONFIG_KEYS: dict[str, tuple[type, ...]] = {
     "threads_per_worker": (int,),
     "cpu_affinity": (bool,),
     "keep_pools": (bool,),
+    "gateway": (bool,),
     "seed": (int,),
     "gpus": (str, list, int),
     "gpus_per_worker": (int,),
@@ -111,6 +112,7 @@ class RunOptions:
     threads_per_worker: int | None = None  # None: the cores available / workers (threads.py)
     cpu_affinity: bool = False  # pin each worker to its own threads_per_worker cores
     keep_pools: bool = True  # idle pool workers a trial leaves survive it (optguard.leftovers)
+    gateway: bool = True  # on a database server, workers' calls go through the supervisor
     seed: int | None = None  # each worker's sampler gets study.worker_seed(seed, ...)
     gpus: tuple[str, ...] = ()  # --gpus: CUDA_VISIBLE_DEVICES entries shared out (gpus.py)
     gpus_per_worker: int = 1
@@ -291,6 +293,7 @@ def resolve_options(
         threads_per_worker=merged.get("threads_per_worker"),
         cpu_affinity=bool(merged.get("cpu_affinity", defaults.cpu_affinity)),
         keep_pools=bool(merged.get("keep_pools", defaults.keep_pools)),
+        gateway=bool(merged.get("gateway", defaults.gateway)),
         seed=seed,
         gpus=gpu_devices,
         gpus_per_worker=per_worker,

@@ -225,8 +225,9 @@ def open_storage(
     raise ``StorageError`` with the driver's cause, as does any other driver error; ``None``
     gives Optuna's plain storage and errors. Opening it is not retried: a storage that is
     unreachable at start is more likely a wrong URL than an outage. ``gateway`` (the
-    supervisor, serving its workers' calls: ``optguard.gateway``) keeps one pooled
-    connection to a database server, which every thread waits its turn for.
+    supervisor, serving its workers' calls: ``optguard.gateway``) keeps two pooled
+    connections to a database server, which every thread takes turns on, the study-wide
+    lock included (``TrialSlots``).
     """
     import warnings
 
@@ -248,10 +249,9 @@ def open_storage(
     else:
         engine_kwargs["connect_args"] = _connect_args(url)
         if gateway:
-            # a turn lasts one transaction; through an outage, as long as the outage may.
-            # Optuna's schema check nests a second connection: allowed until it has run.
+            # a turn lasts one transaction; through an outage, as long as the outage may
             wait_s = 60 + (DEFAULT_OUTAGE_S if outage_s is None else outage_s)
-            engine_kwargs.update(pool_size=1, max_overflow=1, pool_timeout=wait_s)
+            engine_kwargs.update(pool_size=2, max_overflow=0, pool_timeout=wait_s)
     beat = None if heartbeat_s is None else max(1, round(heartbeat_s))
     kwargs: dict[str, Any] = {
         "engine_kwargs": engine_kwargs,
@@ -272,9 +272,8 @@ def open_storage(
             if create_schema and path is not None:
                 prepare_file(path)
             storage = cls(url, **kwargs)
-        if gateway:
+        if gateway:  # its two connections, the schema lock's given back
             storage._version_manager.check_table_schema_compatibility()
-            _one_connection(storage.engine.pool)
     except ImportError as exc:
         raise StorageURLError(f"no database driver for {mask_url(url)}: {exc}") from None
     except (sqlalchemy.exc.SQLAlchemyError, StorageInternalError) as exc:
@@ -284,16 +283,6 @@ def open_storage(
     if path is not None:
         install_events(storage.engine, path, queue=queue_writes)
     return storage
-
-
-def _one_connection(pool: Any) -> None:
-    """Keep ``pool`` (a ``QueuePool`` of size 1 opened with one overflow connection for
-    Optuna's schema check) to its one connection from now on. SQLAlchemy has no public
-    setter; ``tests/test_gateway.py`` checks that threads then take turns on one."""
-    from sqlalchemy.pool import QueuePool
-
-    if isinstance(pool, QueuePool):
-        pool._max_overflow = 0
 
 
 def rdb_backend(storage: Any) -> Any:
@@ -462,13 +451,13 @@ class TrialSlots:
         self._outage = outage_of(storage)
         self._study_id = storage.get_study_id_from_name(study_name)
         self._backend = storage.engine.dialect.name if is_rdb(storage) else "journal"
-        self._conn: Any = None
-        self._engine: Any = None  # the lock's own: not one of the storage's pooled connections
+        self._conn: Any = None  # the server lock's, while it is held
         self._lock_file: Any = None
         # one holder per process too: the supervisor claims for its workers from several
-        # threads (``optguard.gateway``), and a flock is not exclusive between them. It also
-        # guards the lock's connection, which a thread whose claim failed in an outage drops
-        # (``_drop_connection``, inside or outside its hold: reentrant).
+        # threads (``optguard.gateway``), and a flock is not exclusive between them. Taken
+        # before the lock's connection, so that the pool's other is left for the holder's
+        # calls. It also guards that connection, which a thread whose claim failed in an
+        # outage drops (``_drop_connection``, inside or outside its hold: reentrant).
         self._threads = threading.RLock()
 
     @property
@@ -508,6 +497,9 @@ class TrialSlots:
                 if not is_transient(exc):
                     raise
                 self._drop_connection()  # the lock died with the lost session
+            else:
+                conn, self._conn = self._conn, None
+                conn.close()  # back to the pool, for the storage's calls meanwhile
 
     def _lock_path(self) -> Path:
         """The lock file beside the SQLite or journal file."""
@@ -518,13 +510,11 @@ class TrialSlots:
         return Path(str(file) + LOCK_SUFFIX)
 
     def _acquire(self) -> Any:
-        """Take the server lock on a connection of its own, kept between claims: a pooled
-        one would be a second the storage's pool could not hand out meanwhile (the
-        supervisor's pool has one, ``open_storage(gateway=True)``)."""
+        """Take the server lock on one of the storage's pooled connections, held until the
+        lock is released. The lock holder's own calls take another: one holder per process
+        (``_threads``, taken before the connection) leaves the other for them."""
         if self._conn is None:
-            if self._engine is None:
-                self._engine = _lock_engine(self._storage.engine.url)
-            self._conn = self._engine.connect()
+            self._conn = self._storage.engine.connect()
         return _take_server_lock(self._conn, f"optguard:{self._study_name}")
 
     def _drop_connection(self) -> None:
@@ -607,9 +597,6 @@ class TrialSlots:
             if conn is not None:
                 with contextlib.suppress(sqlalchemy.exc.SQLAlchemyError):
                     conn.close()  # a connection the storage lost has nothing left to give back
-            if self._engine is not None:
-                self._engine.dispose()
-                self._engine = None
         if self._lock_file is not None:
             self._lock_file.close()
             self._lock_file = None

@@ -224,7 +224,7 @@ def _duration(trial: Any) -> float:
 
 def throughput(
     b: Bench, workers: int, n: int, step_s: float = 0.0, journal: bool = False,
-    url: str | None = None,
+    url: str | None = None, flags: tuple[str, ...] = (),
 ) -> dict[str, float]:
     """optguard against plain Optuna on SQLite (or both on the database server ``url``,
     where optguard's workers go through their supervisor: ``optguard.gateway``); with
@@ -232,7 +232,7 @@ def throughput(
     on one machine), as a reference."""
     env = {"BENCH_STEP_S": str(step_s)}
     plain = _rate(b.plain("steps", n, workers, env=env, url=url)[0])
-    guarded = _rate(b.optguard("steps", n, workers, env=env, url=url)[0])
+    guarded = _rate(b.optguard("steps", n, workers, *flags, env=env, url=url)[0])
     result = {"plain_trials_per_s": round(plain, 2), "optguard_trials_per_s": round(guarded, 2),
               "ratio": round(guarded / plain, 3)}  # fmt: skip
     if journal:
@@ -389,6 +389,8 @@ def run_all(quick: bool) -> dict[str, Any]:
             ("throughput_1s", lambda: throughput(b, 1, 2 if quick else 12, step_s=0.2)),
             ("throughput_pg_1w", lambda: throughput(b, 1, n // 2, url=PG_URL)),
             ("throughput_pg_4w", lambda: throughput(b, 4, n // 2, url=PG_URL)),
+            ("throughput_pg_4w_no_gateway",
+             lambda: throughput(b, 4, n // 2, url=PG_URL, flags=("--no-gateway",))),
             ("check_us", lambda: round(check_us(20 if quick else 200), 2)),
             ("cleanup", lambda: cleanup_big_heap(100_000 if quick else 5_000_000)),
             ("latency_s_cooperative", lambda: latency(b, "cooperative", 1 if quick else 3)),
@@ -408,7 +410,7 @@ def run_all(quick: bool) -> dict[str, Any]:
         """The target's one number at ``key``; the whole measure stays at ``source``."""
         r[key] = None if r[source] is None else r[source][field]
 
-    for runs in ("1w", "2w", "4w", "1s", "pg_1w", "pg_4w"):
+    for runs in ("1w", "2w", "4w", "1s", "pg_1w", "pg_4w", "pg_4w_no_gateway"):
         headline(f"throughput_ratio_{runs}", f"throughput_{runs}", "ratio")
     r["naive_gc_ms_big_heap"], r["cleanup_ms_big_heap"] = (round(v, 3) for v in r.pop("cleanup"))
     for key in ("latency_s_cooperative", "latency_s_sleep", "latency_s_c_hang"):

@@ -15,7 +15,7 @@ from conftest import REPO
 # What --quick measures; the rest of the keys are there, as null (see SLOW in the script).
 MEASURED = {
     "throughput_ratio_1w", "throughput_ratio_2w", "throughput_ratio_4w", "check_us", "cleanup_ms_big_heap", "help_s",
-    "throughput_ratio_pg_1w", "throughput_ratio_pg_4w",
+    "throughput_ratio_pg_1w", "throughput_ratio_pg_4w", "throughput_ratio_pg_4w_no_gateway",
     "latency_s_cooperative", "overshoot_mb_1000", "drift_ratio", "first_trial_s",
     "supervisor_cpu_pct",
 }  # fmt: skip

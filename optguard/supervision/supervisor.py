@@ -134,7 +134,7 @@ def prepare_study(opts: RunOptions) -> tuple[str, Any, Any, int, Recovery, tuple
         create_schema=True,
         heartbeat_s=opts.heartbeat_s,
         outage_s=opts.storage_outage_s,
-        gateway=serves(url),
+        gateway=opts.gateway and serves(url),
     )
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     try:
@@ -947,7 +947,7 @@ class _Supervisor:
         self.progress_reader = ProgressReader(self.storage, self.study_id)
         self.slots = TrialSlots(self.storage, self.opts.study)  # the study-wide lock
         # on a database server, the workers' storage calls run here: 2 connections a host
-        self.gateway = Gateway(self.slots) if serves(self.url) else None
+        self.gateway = Gateway(self.slots) if self.opts.gateway and serves(self.url) else None
         if self.on_recovery is not None:
             self.on_recovery(recovery)
         proctree.become_subreaper()
