@@ -268,7 +268,10 @@ def cleanup_big_heap(objects: int) -> tuple[float, float]:
 FAST = ("--timeout", "1", "--grace", "1", "--kill-after", "1")
 # Left out by --quick: each costs a hang of seconds, and its code path is one --quick runs
 # with another objective or size.
-SLOW = {"throughput_1s", "latency_s_sleep", "latency_s_c_hang", "overshoot_mb_200"}
+SLOW = {
+    "throughput_1s", "throughput_pg_1s", "latency_s_sleep", "latency_s_c_hang",
+    "overshoot_mb_200",
+}
 
 
 def latency(b: Bench, fn: str, repeat: int) -> dict[str, Any]:
@@ -391,6 +394,8 @@ def run_all(quick: bool) -> dict[str, Any]:
             ("throughput_pg_4w", lambda: throughput(b, 4, n // 2, url=PG_URL)),
             ("throughput_pg_4w_no_gateway",
              lambda: throughput(b, 4, n // 2, url=PG_URL, flags=("--no-gateway",))),
+            ("throughput_pg_1s", lambda: throughput(b, 4, 8 if quick else 24, step_s=0.2,
+                                                     url=PG_URL)),
             ("check_us", lambda: round(check_us(20 if quick else 200), 2)),
             ("cleanup", lambda: cleanup_big_heap(100_000 if quick else 5_000_000)),
             ("latency_s_cooperative", lambda: latency(b, "cooperative", 1 if quick else 3)),
@@ -410,7 +415,7 @@ def run_all(quick: bool) -> dict[str, Any]:
         """The target's one number at ``key``; the whole measure stays at ``source``."""
         r[key] = None if r[source] is None else r[source][field]
 
-    for runs in ("1w", "2w", "4w", "1s", "pg_1w", "pg_4w", "pg_4w_no_gateway"):
+    for runs in ("1w", "2w", "4w", "1s", "pg_1w", "pg_4w", "pg_4w_no_gateway", "pg_1s"):
         headline(f"throughput_ratio_{runs}", f"throughput_{runs}", "ratio")
     r["naive_gc_ms_big_heap"], r["cleanup_ms_big_heap"] = (round(v, 3) for v in r.pop("cleanup"))
     for key in ("latency_s_cooperative", "latency_s_sleep", "latency_s_c_hang"):

@@ -19,7 +19,10 @@ MEASURED = {
     "latency_s_cooperative", "overshoot_mb_1000", "drift_ratio", "first_trial_s",
     "supervisor_cpu_pct",
 }  # fmt: skip
-SKIPPED = {"throughput_ratio_1s", "latency_s_sleep", "latency_s_c_hang", "overshoot_mb_200"}
+SKIPPED = {
+    "throughput_ratio_1s", "throughput_ratio_pg_1s", "latency_s_sleep", "latency_s_c_hang",
+    "overshoot_mb_200",
+}
 
 
 def _bench_json(*args: str) -> dict[str, Any]:
