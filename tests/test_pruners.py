@@ -314,7 +314,7 @@ def test_supervisor_reads_the_complete_trials_only_for_an_evaluation(
     sup: Any = object.__new__(supervisor._Supervisor)
     sup.opts = resolve_options({**BASE, "terminate": True, "directions": "minimize"})
     sup.storage = _CountingStorage(_complete_trials(25))
-    sup.study_id, sup.terminator, sup.on_notice = 1, None, None
+    sup.study_id, sup.terminator, sup.on_notice, sup.poller = 1, None, None, None
     sup.on_progress, sup.progress_at = (lambda progress: None), 0.0
     sup.progress = Progress(states={"COMPLETE": 25, "RUNNING": 2})
     for tick in range(60):
