@@ -511,3 +511,51 @@ def test_a_worker_call_held_by_the_database_does_not_hold_the_enforcement(
     assert lines, "trial 0 was never timed out"
     stamp = datetime.datetime.strptime(lines[0][:23], "%Y-%m-%d %H:%M:%S,%f")
     assert stamp < released, (lines[0], released)  # enforced while the lock was held
+
+
+@pytest.mark.scenario
+@pytest.mark.parametrize("action", ["stop", "cancel"])
+def test_stop_and_cancel_reach_two_hosts_through_their_gateways(
+    tmp_path: Path, pg_study: str, action: str
+) -> None:
+    """The request is read by each supervisor's poller (its periodic storage work): every
+    host stops taking trials, and after a cancel nothing is RUNNING anywhere."""
+    from conftest import objective, run_cli
+
+    hosts = []
+    for name in ("gw-host-a", "gw-host-b"):
+        (tmp_path / name).mkdir()
+        hosts.append(subprocess.Popen(
+            ["unshare", "-u", "sh", "-c", f'hostname {name} && exec "$@"', "sh",
+             sys.executable, "-m", "optguard", "run", "--study", pg_study, "--workers", "2",
+             "--objective", objective("steady.py:objective"), "--n-trials", "60",
+             "--pruner", "none", "--storage", PG_URL],
+            cwd=tmp_path / name, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        ))  # fmt: skip
+    try:
+        deadline = time.monotonic() + 60
+        while True:  # both hosts run trials
+            logs = [p.read_text() for h in ("gw-host-a", "gw-host-b")
+                    for p in (tmp_path / h / "logs").glob("worker_*.log")]  # fmt: skip
+            if sum(" started\n" in text for text in logs) >= 4:
+                break
+            assert time.monotonic() < deadline and all(h.poll() is None for h in hosts)
+            time.sleep(0.1)
+        asked = run_cli(action, "--study", pg_study, "--storage", PG_URL, cwd=tmp_path)
+        assert asked.returncode == 0, asked.stderr
+        for host in hosts:
+            _, err = host.communicate(timeout=60)
+            assert host.returncode == 130, err
+    finally:
+        for host in hosts:
+            if host.poll() is None:
+                host.kill()
+                host.communicate()
+    trials = optuna.load_study(study_name=pg_study, storage=PG_URL).get_trials(deepcopy=False)
+    assert 4 <= len(trials) < 60
+    states = {t.state for t in trials}
+    assert TrialState.RUNNING not in states and TrialState.WAITING not in states
+    if action == "stop":  # running trials finished
+        assert states == {TrialState.COMPLETE}
+    else:
+        assert any(t.user_attrs.get("optguard.reason") == "cancelled" for t in trials)
