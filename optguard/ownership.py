@@ -23,7 +23,7 @@ from optguard.storage import rdb_backend
 if TYPE_CHECKING:
     import optuna
 
-__all__ = ["adopt", "ask_owned", "claim_row"]
+__all__ = ["adopt", "ask_owned", "claim_row", "give_back"]
 
 
 def claim_row(
@@ -83,6 +83,33 @@ def claim_row(
             trial_id=row.trial_id,
         )  # fmt: skip
         return int(row.trial_id), frozen
+
+
+def give_back(backend: Any, trial_id: int, owner: dict[str, Any]) -> bool:
+    """A trial ``claim_row`` made RUNNING for a worker that never got it (it died while the
+    claim ran in its supervisor's gateway): WAITING again and without the owner, so that
+    the next claim runs it under its number, as an enqueued trial. ``False`` when it is no
+    longer RUNNING (the supervisor judged the dead worker first and recorded it)."""
+    from optuna.storages._rdb import models
+    from optuna.storages._rdb.storage import _create_scoped_session
+    from optuna.trial import TrialState
+
+    attr = models.TrialUserAttributeModel
+    with _create_scoped_session(backend.scoped_session) as session:
+        row = (
+            session.query(models.TrialModel)
+            .filter(models.TrialModel.trial_id == trial_id)
+            .with_for_update()
+            .one_or_none()
+        )
+        if row is None or row.state != TrialState.RUNNING:
+            return False
+        row.state = TrialState.WAITING
+        row.datetime_start = None
+        session.query(attr).filter(attr.trial_id == trial_id, attr.key.in_(list(owner))).delete(
+            synchronize_session=False
+        )
+        return True
 
 
 def ask_owned(

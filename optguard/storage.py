@@ -574,6 +574,16 @@ class TrialSlots:
 
         return count_trials(self._storage, self._study_id)
 
+    def give_back(self, trial_id: int, owner: dict[str, Any]) -> bool:
+        """``ownership.give_back`` through an outage: a claimed trial its worker never got
+        is WAITING again. Not under the study-wide lock: a claim pops WAITING trials in a
+        transaction of its own, which waits for this one's row lock."""
+        from optguard.ownership import give_back
+
+        return bool(
+            self._outage.call(lambda: give_back(rdb_backend(self._storage), trial_id, owner))
+        )
+
     def _running_for(self, owner: dict[str, Any]) -> int | None:
         """A RUNNING trial with exactly ``owner``'s attributes: a worker claims its next trial
         only once its last one is finished, so such a trial is one a lost attempt created."""

@@ -5,12 +5,14 @@ pairs, real signals."""
 from __future__ import annotations
 
 import os
+import pickle
 import signal
 import socket
 import subprocess
 import sys
 import threading
 import time
+from multiprocessing.connection import Connection
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -30,7 +32,7 @@ from optguard.gateway.client import GatewaySlots, take_gateway
 from optguard.gateway.protocol import FD_ENV
 from optguard.gateway.server import Gateway
 from optguard.guard import GuardPruned
-from optguard.storage import TrialSlots, open_storage, set_closing_attrs
+from optguard.storage import TrialSlots, _take_server_lock, open_storage, set_closing_attrs
 
 PG_PORT = sqlalchemy.engine.make_url(PG_URL).port or 5432
 
@@ -442,6 +444,70 @@ def test_a_forked_child_of_the_worker_does_not_hold_the_supervisors_socket(
     assert os.read(read, 16) == b"closed"
     os.close(read)
     assert client.get_study_id_from_name(pg_study) >= 0  # the worker's own still works
+
+
+
+def test_a_claim_whose_worker_died_while_it_waited_is_given_back(pg_study: str) -> None:
+    """Review: a worker SIGKILLed while its claim waited for the study-wide lock (another
+    host held it): the supervisor judged the dead worker (nothing RUNNING yet), then the
+    claim created a RUNNING trial for the dead process. Now the supervisor does not wait
+    for a claim, and the gateway gives the trial back (WAITING, no owner): the next claim
+    runs it under its number."""
+    storage = open_storage(PG_URL, create_schema=True, gateway=True)
+    optuna.create_study(study_name=pg_study, storage=storage)
+    slots = TrialSlots(storage, pg_study)
+    gateway = Gateway(slots)
+    other = sqlalchemy.create_engine(PG_URL, poolclass=sqlalchemy.pool.NullPool).connect()
+    release = _take_server_lock(other, f"optguard:{pg_study}")  # another host's claim
+    theirs, thread = gateway.connect("dying")
+    worker = Connection(theirs.detach())
+    owner = {"optguard.worker": "elsewhere:999999:w0"}
+    try:
+        worker.send((1, pickle.dumps(("claim", (4, owner), {}))))
+        deadline = time.monotonic() + 10
+        while thread.call != "claim" and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert thread.call == "claim"  # what Worker.close reads: no wait for it
+        worker.close()  # SIGKILLed meanwhile
+        time.sleep(0.3)
+        assert thread.is_alive()  # still waiting for the lock
+        other.execute(release)
+        other.commit()
+        thread.join(10)
+        assert not thread.is_alive()
+        trials = storage.get_all_trials(slots.study_id)
+        assert [(t.number, t.state, t.user_attrs) for t in trials] == [
+            (0, TrialState.WAITING, {})
+        ]
+        claimed = slots.claim_row(4, {"optguard.worker": "here:1:w0"})
+        assert claimed is not None and claimed[0] == trials[0]._trial_id
+        again = storage.get_trial(claimed[0])
+        assert again.state == TrialState.RUNNING and again.number == 0
+        assert again.user_attrs == {"optguard.worker": "here:1:w0"}
+        assert len(storage.get_all_trials(slots.study_id)) == 1
+    finally:
+        other.close()
+        slots.close()
+        storage.engine.dispose()
+
+
+def test_a_claimed_trial_already_judged_is_not_given_back(pg_study: str) -> None:
+    """The other order: the supervisor recorded the dead worker's trial first; giving it
+    back then changes nothing."""
+    storage = open_storage(PG_URL, create_schema=True, gateway=True)
+    optuna.create_study(study_name=pg_study, storage=storage)
+    slots = TrialSlots(storage, pg_study)
+    try:
+        owner = {"optguard.worker": "elsewhere:999999:w0"}
+        claimed = slots.claim_row(None, owner)
+        assert claimed is not None
+        storage.set_trial_state_values(claimed[0], TrialState.FAIL)
+        assert not slots.give_back(claimed[0], owner)
+        trial = storage.get_trial(claimed[0])
+        assert trial.state == TrialState.FAIL and trial.user_attrs == owner
+    finally:
+        slots.close()
+        storage.engine.dispose()
 
 
 HANG_FIRST = """

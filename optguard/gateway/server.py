@@ -33,7 +33,7 @@ from optguard.outage import waiting_with
 if TYPE_CHECKING:
     from optguard.storage import TrialSlots
 
-__all__ = ["Gateway"]
+__all__ = ["Gateway", "Served"]
 
 _log = logging.getLogger("optguard.gateway")
 
@@ -43,10 +43,26 @@ class _Abandoned(BaseException):
     ``Exception``, so that no handler on the way takes it for the call's own error."""
 
 
+class Served(threading.Thread):
+    """The thread serving one worker. ``call`` names the call it runs now (``None``
+    between calls): the supervisor waits for a dead worker's call before judging its trial,
+    except for a claim, which may wait long for the study-wide lock and which the thread
+    itself gives back if its worker is gone when it ends."""
+
+    def __init__(self, serve: Callable[[Served], None], name: str) -> None:
+        super().__init__(name=name, daemon=True)
+        self._serve = serve
+        self.call: str | None = None
+
+    def run(self) -> None:
+        self._serve(self)
+
+
 class Gateway:
     """Serves the storage calls of the workers of one run, on ``slots.storage``."""
 
     def __init__(self, slots: TrialSlots) -> None:
+        self._slots = slots
         self._storage: Any = slots.storage
         self._trials = TrialCache(slots.storage, slots.study_id)
         self._ops: dict[str, Callable[..., Any]] = {
@@ -58,18 +74,16 @@ class Gateway:
         if set(self._ops) != OPERATIONS:
             raise RuntimeError("the gateway's operations and its protocol disagree")
 
-    def connect(self, name: str) -> tuple[socket.socket, threading.Thread]:
+    def connect(self, name: str) -> tuple[socket.socket, Served]:
         """A new worker's end of a socket pair, and the thread that serves it from now on,
         which ends once the worker closed its end (it exited) and its last call is done."""
         ours, theirs = socket.socketpair()
         conn = Connection(ours.detach())
-        served = threading.Thread(
-            target=self._serve, args=(conn,), name=f"optguard-gateway-{name}", daemon=True
-        )
+        served = Served(functools.partial(self._serve, conn), f"optguard-gateway-{name}")
         served.start()
         return theirs, served
 
-    def _serve(self, conn: Connection) -> None:
+    def _serve(self, conn: Connection, served: Served) -> None:
         try:
             while True:
                 message = conn.recv()
@@ -81,6 +95,7 @@ class Gateway:
                 except Exception as exc:  # deliberately broad: any unpickling error
                     conn.send((ERROR, seq, TypeError(f"the supervisor cannot read {exc}")))
                     continue
+                served.call = name
                 try:
                     with waiting_with(functools.partial(self._wait, conn, seq, [False])):
                         answer = (OK, seq, self._dispatch(name, args, kwargs))
@@ -89,14 +104,37 @@ class Gateway:
                 except Exception as exc:  # deliberately broad: the worker raises it again
                     answer = (ERROR, seq, portable(exc))
                 try:
-                    conn.send(answer)
-                except (pickle.PicklingError, TypeError, AttributeError) as exc:
-                    # a result that does not pickle: nothing was written, say why instead
-                    conn.send((ERROR, seq, StorageError(f"cannot send the result: {exc}")))
+                    self._send(conn, answer, name, args)
+                finally:
+                    served.call = None
         except (EOFError, OSError):
             pass  # the worker exited (or died): its calls are over
         finally:
             conn.close()
+
+    def _send(self, conn: Connection, answer: tuple[str, int, Any], name: str, args: Any) -> None:
+        """Answer a call; a claim whose worker is gone (it died while the claim waited)
+        gives its trial back, or the trial would stay RUNNING for a dead process after the
+        supervisor had judged that worker."""
+        kind, seq, result = answer
+        try:
+            conn.send(answer)
+        except (pickle.PicklingError, TypeError, AttributeError) as exc:
+            # a result that does not pickle: nothing was written, say why instead
+            conn.send((ERROR, seq, StorageError(f"cannot send the result: {exc}")))
+        except OSError:
+            if name == "claim" and kind == OK and result is not None:
+                self._give_back(result[0], args[1])
+            raise
+
+    def _give_back(self, trial_id: int, owner: dict[str, Any]) -> None:
+        try:
+            if self._slots.give_back(trial_id, owner):
+                _log.warning("gateway: trial id %d given back: its worker died during the claim",
+                             trial_id)  # fmt: skip
+        except StorageError as exc:
+            # the dead owner's trial is then reaped by heartbeat, as a dead host's would be
+            _log.warning("gateway: cannot give trial id %d back: %s", trial_id, exc)
 
     def _wait(self, conn: Connection, seq: int, told: list[bool], seconds: float) -> None:
         """Between two attempts of call ``seq`` through an outage: tell the worker once, then

@@ -16,7 +16,6 @@ import signal
 import socket
 import subprocess
 import sys
-import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, TYPE_CHECKING
@@ -29,7 +28,7 @@ from optguard.logs import worker_log_path, worker_logger
 from optguard.supervision.escalation import Watched
 
 if TYPE_CHECKING:
-    from optguard.gateway.server import Gateway
+    from optguard.gateway.server import Gateway, Served
 
 __all__ = ["Worker", "spawn_worker"]
 
@@ -62,7 +61,7 @@ class Worker:
     sent: str | None = None  # optguard's own SIGKILL, in words, for the exit description
     exit_why: str = "done"  # why it left after its last trial (its stop reason)
     storage_error: str | None = None  # why it gave up on the storage (past --storage-outage)
-    served: threading.Thread | None = None  # its gateway thread (optguard.gateway)
+    served: Served | None = None  # its gateway thread (optguard.gateway)
 
     @property
     def tag(self) -> str:
@@ -105,9 +104,11 @@ class Worker:
         self.out.close()
         os.close(self.control_fd)
         os.close(self.status.fd)
-        if self.served is not None:
+        if self.served is not None and self.served.call != "claim":
             # The call it had under way still runs in the gateway (a tell, say): let it end
             # before its trial is judged, as its own connection's would have when it died.
+            # Not a claim: it may wait long for the study-wide lock, and the gateway gives
+            # back what it claims for a worker that is gone (optguard.gateway.server).
             self.served.join(GATEWAY_JOIN_S)
 
 
