@@ -75,7 +75,10 @@ def claim_row(
             )
             for key, value in attrs.items()
         )
-        row.number = row.count_past_trials(session)
+        # Optuna's count_past_trials, without its second pass over the study's rows: under
+        # the study row's lock (every creator takes it) the trials before this one are
+        # exactly those just counted
+        row.number = sum(counts.values())
         frozen = FrozenTrial(
             number=row.number, state=TrialState.RUNNING, value=None,
             datetime_start=row.datetime_start, datetime_complete=None, params={},

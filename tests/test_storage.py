@@ -22,7 +22,7 @@ import pymysql
 import pytest
 import sqlalchemy.event
 import sqlalchemy.exc
-from conftest import PG_URL, sqlite_url
+from conftest import MYSQL_URL, PG_URL, sqlite_url
 from optuna.exceptions import StorageInternalError
 from optuna.trial import TrialState
 from sqlalchemy import text
@@ -507,6 +507,51 @@ def test_a_claim_counts_to_the_total_and_still_pops_an_enqueued_retry(tmp_path: 
     assert retry.suggest_float("x", 0, 2) == 1.0  # the cache knows the popped trial
     slots.close()
 
+
+
+@pytest.mark.parametrize("url_fixture", ["pg_study", "mysql_study"])
+def test_claims_beside_plain_asks_number_the_trials_without_a_gap_or_a_twin(
+    url_fixture: str, request: pytest.FixtureRequest
+) -> None:
+    """A claim numbers its trial from the counts it already made under the study row's
+    lock (not Optuna's second count): plain ``study.ask()`` in other threads, each on its
+    own storage, takes the same lock, so numbers stay 0..n-1, each once."""
+    name = request.getfixturevalue(url_fixture)
+    url = PG_URL if url_fixture == "pg_study" else MYSQL_URL
+    optuna.create_study(study_name=name, storage=url)
+    errors: list[BaseException] = []
+
+    def claims(n: int) -> None:
+        storage = open_storage(url)
+        slots = TrialSlots(storage, name)
+        try:
+            for _ in range(n):
+                slots.claim_row(None, {"optguard.worker": threading.current_thread().name})
+        except BaseException as exc:  # deliberately broad: the test thread reports it
+            errors.append(exc)
+        finally:
+            slots.close()
+            storage.engine.dispose()
+
+    def asks(n: int) -> None:
+        study = optuna.load_study(study_name=name, storage=url)
+        try:
+            for _ in range(n):
+                study.ask()
+        except BaseException as exc:  # deliberately broad: the test thread reports it
+            errors.append(exc)
+
+    threads = [threading.Thread(target=claims, args=(15,)) for _ in range(2)]
+    threads += [threading.Thread(target=asks, args=(15,)) for _ in range(2)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(120)
+    assert not errors
+    trials = optuna.load_study(study_name=name, storage=url).get_trials(deepcopy=False)
+    assert sorted(t.number for t in trials) == list(range(60))
+    by_id = sorted(trials, key=lambda t: t._trial_id)
+    assert [t.number for t in by_id] == list(range(60))  # in creation order, as Optuna
 
 @pytest.mark.parametrize("needle", ["INSERT INTO trial_user_attributes", "FROM trials"])
 def test_a_ctrl_c_inside_a_call_propagates_and_leaves_no_lock_held(
