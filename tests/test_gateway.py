@@ -14,6 +14,7 @@ import threading
 import time
 from multiprocessing.connection import Connection
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any, Iterator
 
 import optuna
@@ -30,9 +31,10 @@ from test_storage import _Proxy, _worker_handlers
 from optguard.errors import StorageError
 from optguard.gateway.client import GatewaySlots, take_gateway
 from optguard.gateway.protocol import FD_ENV
-from optguard.gateway.server import Gateway
+from optguard.gateway.server import Gateway, Served
 from optguard.guard import GuardPruned
 from optguard.storage import TrialSlots, _take_server_lock, open_storage, set_closing_attrs
+from optguard.supervision.workers import Worker
 
 PG_PORT = sqlalchemy.engine.make_url(PG_URL).port or 5432
 
@@ -509,6 +511,43 @@ def test_a_claimed_trial_already_judged_is_not_given_back(pg_study: str) -> None
         slots.close()
         storage.engine.dispose()
 
+
+
+@pytest.mark.parametrize(
+    ("call", "judged", "waits"),
+    [
+        ("set_trial_state_values", True, True),  # a tell under way: its trial is judged after
+        ("claim", True, False),  # may wait long for the lock; given back if the worker is gone
+        ("set_trial_state_values", False, False),  # storage gone for good: nothing judged
+    ],
+)
+def test_a_dead_workers_call_is_waited_for_only_when_its_trial_is_judged_after_it(
+    tmp_path: Path, call: str, judged: bool, waits: bool
+) -> None:
+    release = threading.Event()
+
+    def serve(thread: Served) -> None:
+        thread.call = call
+        release.wait(5)
+
+    thread = Served(serve, "stuck")
+    thread.start()
+    while thread.call is None:
+        time.sleep(0.005)
+    status_read, status_write = os.pipe()
+    control_read, control_write = os.pipe()
+    worker = Worker(
+        index=0, uid="0.1", proc=None, log=None, log_path=tmp_path / "w.log",  # type: ignore[arg-type]
+        out=(tmp_path / "out").open("wb"), status=SimpleNamespace(fd=status_read),  # type: ignore[arg-type]
+        control_fd=control_write, spawned_at=0.0, served=thread,
+    )  # fmt: skip
+    threading.Timer(0.5, release.set).start()
+    worker.close(judged=judged)
+    assert thread.is_alive() is not waits  # waited for: the call had ended when close returned
+    release.set()
+    thread.join(5)
+    os.close(status_write)
+    os.close(control_read)
 
 HANG_FIRST = """
 import time

@@ -1037,7 +1037,7 @@ class _Supervisor:
         for worker in list(self.workers.values()):
             worker.sigkill_tree("the storage is unreachable")
             worker.proc.wait()
-            worker.close()
+            worker.close(judged=False)
         self.workers.clear()
 
     def idle(self, now: float) -> bool:

@@ -100,11 +100,14 @@ class Worker:
         self.signal_tree(signal.SIGKILL)
         return peak
 
-    def close(self) -> None:
+    def close(self, judged: bool = True) -> None:
+        """Release its pipes; with ``judged`` (its trial is to be recorded next), wait first
+        for the storage call it left under way. Without: the storage is gone for good and
+        nothing is recorded, so N workers' calls stuck in the outage cost no N waits."""
         self.out.close()
         os.close(self.control_fd)
         os.close(self.status.fd)
-        if self.served is not None and self.served.call != "claim":
+        if judged and self.served is not None and self.served.call != "claim":
             # The call it had under way still runs in the gateway (a tell, say): let it end
             # before its trial is judged, as its own connection's would have when it died.
             # Not a claim: it may wait long for the study-wide lock, and the gateway gives
