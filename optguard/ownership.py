@@ -92,7 +92,8 @@ def give_back(backend: Any, trial_id: int, owner: dict[str, Any]) -> bool:
     """A trial ``claim_row`` made RUNNING for a worker that never got it (it died while the
     claim ran in its supervisor's gateway): WAITING again and without the owner, so that
     the next claim runs it under its number, as an enqueued trial. ``False`` when it is no
-    longer RUNNING (the supervisor judged the dead worker first and recorded it)."""
+    longer RUNNING under ``owner`` (the supervisor judged the dead worker first, or an
+    attempt whose reply was lost gave it back and another worker has claimed it since)."""
     from optuna.storages._rdb import models
     from optuna.storages._rdb.storage import _create_scoped_session
     from optuna.trial import TrialState
@@ -106,6 +107,13 @@ def give_back(backend: Any, trial_id: int, owner: dict[str, Any]) -> bool:
             .one_or_none()
         )
         if row is None or row.state != TrialState.RUNNING:
+            return False
+        held = dict(
+            session.query(attr.key, attr.value_json).filter(
+                attr.trial_id == trial_id, attr.key.in_(list(owner))
+            )
+        )
+        if {key: json.loads(value) for key, value in held.items()} != owner:
             return False
         row.state = TrialState.WAITING
         row.datetime_start = None

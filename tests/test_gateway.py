@@ -28,12 +28,14 @@ from optuna.storages._cached_storage import _CachedStorage
 from optuna.trial import TrialState
 from test_storage import _Proxy, _worker_handlers
 
+from optguard import proctree
 from optguard.errors import StorageError
 from optguard.gateway.client import GatewaySlots, take_gateway
 from optguard.gateway.protocol import FD_ENV
 from optguard.gateway.server import Gateway, Served
 from optguard.guard import GuardPruned
 from optguard.storage import TrialSlots, _take_server_lock, open_storage, set_closing_attrs
+from optguard.supervision.supervisor import _Supervisor
 from optguard.supervision.workers import Worker
 
 PG_PORT = sqlalchemy.engine.make_url(PG_URL).port or 5432
@@ -448,7 +450,6 @@ def test_a_forked_child_of_the_worker_does_not_hold_the_supervisors_socket(
     assert client.get_study_id_from_name(pg_study) >= 0  # the worker's own still works
 
 
-
 def test_a_claim_whose_worker_died_while_it_waited_is_given_back(pg_study: str) -> None:
     """Review: a worker SIGKILLed while its claim waited for the study-wide lock (another
     host held it): the supervisor judged the dead worker (nothing RUNNING yet), then the
@@ -469,7 +470,7 @@ def test_a_claim_whose_worker_died_while_it_waited_is_given_back(pg_study: str) 
         deadline = time.monotonic() + 10
         while thread.call != "claim" and time.monotonic() < deadline:
             time.sleep(0.01)
-        assert thread.call == "claim"  # what Worker.close reads: no wait for it
+        assert thread.call == "claim"  # what Worker.claiming reads: not judged meanwhile
         worker.close()  # SIGKILLed meanwhile
         time.sleep(0.3)
         assert thread.is_alive()  # still waiting for the lock
@@ -478,9 +479,7 @@ def test_a_claim_whose_worker_died_while_it_waited_is_given_back(pg_study: str) 
         thread.join(10)
         assert not thread.is_alive()
         trials = storage.get_all_trials(slots.study_id)
-        assert [(t.number, t.state, t.user_attrs) for t in trials] == [
-            (0, TrialState.WAITING, {})
-        ]
+        assert [(t.number, t.state, t.user_attrs) for t in trials] == [(0, TrialState.WAITING, {})]
         claimed = slots.claim_row(4, {"optguard.worker": "here:1:w0"})
         assert claimed is not None and claimed[0] == trials[0]._trial_id
         again = storage.get_trial(claimed[0])
@@ -512,17 +511,16 @@ def test_a_claimed_trial_already_judged_is_not_given_back(pg_study: str) -> None
         storage.engine.dispose()
 
 
-
 @pytest.mark.parametrize(
-    ("call", "judged", "waits"),
+    ("call", "judged", "waits", "claiming"),
     [
-        ("set_trial_state_values", True, True),  # a tell under way: its trial is judged after
-        ("claim", True, False),  # may wait long for the lock; given back if the worker is gone
-        ("set_trial_state_values", False, False),  # storage gone for good: nothing judged
+        ("set_trial_state_values", True, True, False),  # a tell under way: judged after it
+        ("set_trial_state_values", False, False, False),  # storage gone for good: no judging
+        ("claim", True, True, True),  # not judged at all until it ended (reap_worker)
     ],
 )
 def test_a_dead_workers_call_is_waited_for_only_when_its_trial_is_judged_after_it(
-    tmp_path: Path, call: str, judged: bool, waits: bool
+    tmp_path: Path, call: str, judged: bool, waits: bool, claiming: bool
 ) -> None:
     release = threading.Event()
 
@@ -541,13 +539,60 @@ def test_a_dead_workers_call_is_waited_for_only_when_its_trial_is_judged_after_i
         out=(tmp_path / "out").open("wb"), status=SimpleNamespace(fd=status_read),  # type: ignore[arg-type]
         control_fd=control_write, spawned_at=0.0, served=thread,
     )  # fmt: skip
-    threading.Timer(0.5, release.set).start()
-    worker.close(judged=judged)
-    assert thread.is_alive() is not waits  # waited for: the call had ended when close returned
-    release.set()
-    thread.join(5)
-    os.close(status_write)
-    os.close(control_read)
+    assert worker.claiming() is claiming
+    timer = threading.Timer(0.5, release.set)
+    timer.start()
+    try:
+        worker.close(judged=judged)
+        assert thread.is_alive() is not waits  # waited for: the call had ended by then
+    finally:
+        timer.cancel()
+        release.set()
+        thread.join(5)
+        os.close(status_write)
+        os.close(control_read)
+    assert not worker.claiming()  # the thread ended
+
+
+def test_a_dead_worker_is_not_judged_while_a_claim_of_its_own_runs() -> None:
+    """Review: the supervisor judged a dead worker while the gateway still ran its claim;
+    its judge could read the trial RUNNING, the gateway give it back, another worker claim
+    it, and the judge then record that worker's trial as the dead one's. The dead worker
+    is reaped only once its claim has ended."""
+    proc = subprocess.Popen([sys.executable, "-c", "pass"])
+    while not proctree.has_exited(proc.pid):
+        time.sleep(0.01)
+    judged: list[int] = []
+    supervisor = SimpleNamespace(oom_seen=0, on_exit=lambda w, code, *_: judged.append(code))
+    worker = SimpleNamespace(proc=proc, claiming=lambda: True)
+    assert _Supervisor.reap_worker(supervisor, worker) is None  # type: ignore[arg-type]
+    assert judged == [] and proctree.has_exited(proc.pid)  # not reaped yet: asked again
+    worker.claiming = lambda: False
+    assert _Supervisor.reap_worker(supervisor, worker) == 0  # type: ignore[arg-type]
+    assert judged == [0]
+
+
+def test_a_give_back_repeated_after_another_worker_claimed_the_trial_leaves_it(
+    pg_study: str,
+) -> None:
+    """Review: a give-back whose reply was lost in an outage is tried again; by then
+    another worker may have claimed the trial, which it must keep."""
+    storage = open_storage(PG_URL, create_schema=True, gateway=True)
+    optuna.create_study(study_name=pg_study, storage=storage)
+    slots = TrialSlots(storage, pg_study)
+    dead, live = {"optguard.worker": "h:1:w0.1"}, {"optguard.worker": "h:2:w1.1"}
+    try:
+        claimed = slots.claim_row(4, dead)
+        assert claimed is not None
+        assert slots.give_back(claimed[0], dead)
+        assert slots.claim_row(4, live) == (claimed[0], None)
+        assert not slots.give_back(claimed[0], dead)  # the repeated attempt
+        trial = storage.get_trial(claimed[0])
+        assert trial.state == TrialState.RUNNING and trial.user_attrs == live
+    finally:
+        slots.close()
+        storage.engine.dispose()
+
 
 HANG_FIRST = """
 import time

@@ -508,7 +508,6 @@ def test_a_claim_counts_to_the_total_and_still_pops_an_enqueued_retry(tmp_path: 
     slots.close()
 
 
-
 @pytest.mark.parametrize("url_fixture", ["pg_study", "mysql_study"])
 def test_claims_beside_plain_asks_number_the_trials_without_a_gap_or_a_twin(
     url_fixture: str, request: pytest.FixtureRequest
@@ -552,6 +551,7 @@ def test_claims_beside_plain_asks_number_the_trials_without_a_gap_or_a_twin(
     assert sorted(t.number for t in trials) == list(range(60))
     by_id = sorted(trials, key=lambda t: t._trial_id)
     assert [t.number for t in by_id] == list(range(60))  # in creation order, as Optuna
+
 
 @pytest.mark.parametrize("needle", ["INSERT INTO trial_user_attributes", "FROM trials"])
 def test_a_ctrl_c_inside_a_call_propagates_and_leaves_no_lock_held(

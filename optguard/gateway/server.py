@@ -45,9 +45,9 @@ class _Abandoned(BaseException):
 
 class Served(threading.Thread):
     """The thread serving one worker. ``call`` names the call it runs now (``None``
-    between calls): the supervisor waits for a dead worker's call before judging its trial,
-    except for a claim, which may wait long for the study-wide lock and which the thread
-    itself gives back if its worker is gone when it ends."""
+    between calls): the supervisor judges a dead worker only once a claim it left has
+    ended (the thread gives back what it claimed for a worker that is gone), and waits
+    a while for any other call, which the trial's record depends on."""
 
     def __init__(self, serve: Callable[[Served], None], name: str) -> None:
         super().__init__(name=name, daemon=True)
@@ -132,9 +132,9 @@ class Gateway:
             if self._slots.give_back(trial_id, owner):
                 _log.warning("gateway: trial id %d given back: its worker died during the claim",
                              trial_id)  # fmt: skip
-        except StorageError as exc:
-            # the dead owner's trial is then reaped by heartbeat, as a dead host's would be
-            _log.warning("gateway: cannot give trial id %d back: %s", trial_id, exc)
+        except Exception as exc:  # deliberately broad: logged here, not lost in a thread
+            # left RUNNING for a dead process: the supervisor then judges it, or a restart
+            _log.warning("gateway: cannot give trial id %d back: %r", trial_id, exc)
 
     def _wait(self, conn: Connection, seq: int, told: list[bool], seconds: float) -> None:
         """Between two attempts of call ``seq`` through an outage: tell the worker once, then

@@ -630,8 +630,9 @@ class _Supervisor:
 
     def reap_worker(self, worker: Worker) -> int | None:
         """The worker's exit code once it exited (reaped here), with what ``/proc`` still
-        tells of it (its CPU limit) read first."""
-        if not proctree.has_exited(worker.proc.pid):
+        tells of it (its CPU limit) read first; not while a claim of its own still runs
+        (``Worker.claiming``)."""
+        if not proctree.has_exited(worker.proc.pid) or worker.claiming():
             return None
         cpu_limit = proctree.hit_cpu_limit(worker.proc.pid)
         oom = proctree.oom_kills()

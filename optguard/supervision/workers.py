@@ -107,12 +107,17 @@ class Worker:
         self.out.close()
         os.close(self.control_fd)
         os.close(self.status.fd)
-        if judged and self.served is not None and self.served.call != "claim":
+        if judged and self.served is not None:
             # The call it had under way still runs in the gateway (a tell, say): let it end
             # before its trial is judged, as its own connection's would have when it died.
-            # Not a claim: it may wait long for the study-wide lock, and the gateway gives
-            # back what it claims for a worker that is gone (optguard.gateway.server).
             self.served.join(GATEWAY_JOIN_S)
+
+    def claiming(self) -> bool:
+        """Whether the gateway runs a claim for it. A dead worker is judged only after: the
+        claim may wait long for the study-wide lock, and the trial it makes for a worker
+        that is gone is given back, not judged (a judge reading it RUNNING meanwhile could
+        record the trial another worker claims next)."""
+        return self.served is not None and self.served.is_alive() and self.served.call == "claim"
 
 
 def worker_argv(opts: RunOptions, index: int) -> list[str]:
