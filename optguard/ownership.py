@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING, Any
 
 from optguard.progress import state_counts
 from optguard.storage import rdb_backend
+from optguard.user_attrs import upsert_user_attrs
 
 if TYPE_CHECKING:
     import optuna
@@ -55,10 +56,7 @@ def claim_row(
             if row is not None:
                 row.state = TrialState.RUNNING
                 row.datetime_start = datetime.now()
-                for key, value in attrs.items():
-                    backend._set_trial_attr_without_commit(
-                        session, models.TrialUserAttributeModel, row.trial_id, key, value
-                    )
+                upsert_user_attrs(backend, session, row.trial_id, attrs)
                 return int(row.trial_id), None
         taken = sum(n for state, n in counts.items() if state != TrialState.WAITING)
         if n_trials is not None and taken >= n_trials:

@@ -26,6 +26,7 @@ from optguard.sqlite import (
 )
 from optguard.storage_calls import guarded
 from optguard.urls import DEFAULT_DB, journal_path, mask_url, redact, resolve_url, sqlite_path
+from optguard.user_attrs import upsert_user_attrs
 
 if TYPE_CHECKING:
     import optuna
@@ -157,10 +158,7 @@ def _outage_storage_class() -> type:
             with _create_scoped_session(self.scoped_session) as session:
                 row = models.TrialModel.find_or_raise_by_id(trial_id, session, for_update=True)
                 self.check_trial_is_updatable(trial_id, row.state)
-                for key, value in attrs.items():
-                    self._set_trial_attr_without_commit(
-                        session, models.TrialUserAttributeModel, trial_id, key, value
-                    )
+                upsert_user_attrs(self, session, trial_id, attrs)
                 for objective, value in enumerate(values or ()):
                     self._set_trial_value_without_commit(session, row, objective, value)
                 row.state = state
@@ -409,7 +407,7 @@ def set_trial_user_attrs(
 
     ``trial.set_user_attr`` commits once per key; a worker records up to nine keys per trial,
     and on SQLite each commit takes the database's one write lock. Optuna has no public batch
-    call, so this runs its own per-key upsert inside one session.
+    call, so this runs one upsert of all the keys (``optguard.user_attrs``).
     """
     if not attrs:
         return
@@ -426,10 +424,9 @@ def set_trial_user_attrs(
 
     def write() -> None:
         with _create_scoped_session(storage.scoped_session, True) as session:
-            for key, value in attrs.items():
-                storage._set_trial_attr_without_commit(
-                    session, models.TrialUserAttributeModel, trial_id, key, value
-                )
+            row = models.TrialModel.find_or_raise_by_id(trial_id, session)
+            storage.check_trial_is_updatable(trial_id, row.state)
+            upsert_user_attrs(storage, session, trial_id, attrs)
 
     outage_of(storage).call(write)
 

@@ -15,6 +15,7 @@ import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import optuna
 import psycopg
@@ -23,7 +24,7 @@ import pytest
 import sqlalchemy.event
 import sqlalchemy.exc
 from conftest import MYSQL_URL, PG_URL, sqlite_url
-from optuna.exceptions import StorageInternalError
+from optuna.exceptions import StorageInternalError, UpdateFinishedTrialError
 from optuna.trial import TrialState
 from sqlalchemy import text
 
@@ -32,7 +33,7 @@ from optguard.guard import GuardPruned, TrialGuard
 from optguard.limits import Limits
 from optguard.outage import Outage, describe, is_transient
 from optguard.sqlite import in_transaction, relieve_full_disk
-from optguard.storage import TrialSlots, open_storage, set_closing_attrs
+from optguard.storage import TrialSlots, open_storage, set_closing_attrs, set_trial_user_attrs
 from optguard.storage_calls import on_leaving
 from optguard.worker import _Supervised
 
@@ -552,6 +553,43 @@ def test_claims_beside_plain_asks_number_the_trials_without_a_gap_or_a_twin(
     by_id = sorted(trials, key=lambda t: t._trial_id)
     assert [t.number for t in by_id] == list(range(60))  # in creation order, as Optuna
 
+
+
+@pytest.mark.parametrize("kind", ["sqlite", "postgresql", "mysql"])
+def test_several_user_attributes_are_one_upsert_that_overwrites_and_refuses_a_finished_trial(
+    kind: str, tmp_path: Path, study_name: str
+) -> None:
+    """``set_trial_user_attrs`` and the finish write all their keys in one statement (Optuna
+    writes two per key), new keys and overwritten ones alike, and a finished trial refuses."""
+    url = {"sqlite": sqlite_url(tmp_path), "postgresql": PG_URL, "mysql": MYSQL_URL}[kind]
+    storage = open_storage(url, create_schema=True)
+    study = optuna.create_study(study_name=study_name, storage=storage)
+    try:
+        trial_id = study.ask()._trial_id
+        storage.set_trial_user_attr(trial_id, "b", "old")
+        inserts: list[str] = []
+
+        def count(conn: Any, cursor: Any, statement: str, *_: Any) -> None:
+            if statement.lstrip().upper().startswith("INSERT INTO TRIAL_USER_ATTRIBUTES"):
+                inserts.append(statement)
+
+        sqlalchemy.event.listen(storage.engine, "before_cursor_execute", count)
+        attrs = {"a": 1, "b": [1.5, "x"], "c": {"k": None}}
+        set_trial_user_attrs(storage, trial_id, attrs)
+        assert len(inserts) == 1
+        storage.closing_attrs[trial_id] = {"c": "done", "d": True}
+        storage.set_trial_state_values(trial_id, TrialState.COMPLETE, [1.0])
+        assert len(inserts) == 2  # the finish: one more
+        trial = storage.get_trial(trial_id)
+        assert trial.user_attrs == {"a": 1, "b": [1.5, "x"], "c": "done", "d": True}
+        assert trial.state == TrialState.COMPLETE
+        with pytest.raises(UpdateFinishedTrialError):
+            set_trial_user_attrs(storage, trial_id, {"e": 1})
+        assert "e" not in storage.get_trial(trial_id).user_attrs
+    finally:
+        if kind != "sqlite":
+            optuna.delete_study(study_name=study_name, storage=storage)
+        storage.engine.dispose()
 
 @pytest.mark.parametrize("needle", ["INSERT INTO trial_user_attributes", "FROM trials"])
 def test_a_ctrl_c_inside_a_call_propagates_and_leaves_no_lock_held(
