@@ -1,5 +1,5 @@
 """The supervisor's side: one thread per worker runs that worker's storage calls, in order,
-on the supervisor's storage (one pooled connection) and its study-wide lock.
+on the supervisor's storage (a pool of two connections) and its study-wide lock.
 
 The calls are the ones the worker would have made itself, with the same outage handling,
 so what a worker sees (results, Optuna's errors, ``StorageError`` past ``--storage-outage``)

@@ -1,7 +1,7 @@
 """The supervisor's periodic storage work (stop and cancel requests, heartbeats and reaping,
 progress) in a thread of its own, when the supervisor is its workers' gateway.
 
-The host then has one pooled connection, which its workers' calls also wait their turn for:
+The host then has two pooled connections, which its workers' calls also wait their turn for:
 a worker's call held by the database (a row lock, a slow query, an outage's attempt) would
 hold the loop that samples memory, escalates kills and passes signals on. The loop only
 reads what this thread last found; it never waits for the database on a timer.
