@@ -658,16 +658,14 @@ def _scale_rows(url: str, study: str) -> list[tuple[int, str, Any, Any, str | No
 
 def _host_command(index: int, study: str, url: str, total: int, workers: int, source: Path,
                   log_dir: Path, extra: tuple[str, ...]) -> list[str]:  # fmt: skip
-    """One "host": its own UTS namespace and hostname (so ``optguard.worker`` is
-    ``scale-hostK:pid`` as on a real node), then ``exec optguard run``."""
-    import shlex
+    """One "host" (``scale-hostK``, ``private_pg.as_host``) running ``optguard run``."""
+    import private_pg
 
     run = [sys.executable, "-m", "optguard", "run", "--study", study, "--storage", url,
            "--objective", f"{source}:short", "--workers", str(workers), "--n-trials", str(total),
            "--sampler", "random", "--pruner", "none", "--log-dir", str(log_dir),
            *extra]  # fmt: skip
-    script = f"hostname scale-host{index} && exec {shlex.join(run)}"
-    return ["unshare", "-u", "sh", "-c", script]
+    return private_pg.as_host(f"scale-host{index}", run)
 
 
 def scale_case(

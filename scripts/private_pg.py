@@ -23,6 +23,7 @@ from __future__ import annotations
 import contextlib
 import os
 import re
+import shlex
 import shutil
 import socket
 import subprocess
@@ -31,7 +32,7 @@ import threading
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterable, Iterator, Mapping
+from typing import Any, Callable, Iterable, Iterator, Mapping, Sequence
 from urllib.parse import urlsplit, urlunsplit
 
 PG_ROOT = Path("/usr/lib/postgresql")
@@ -447,6 +448,13 @@ def socket_owners(ports: set[int]) -> dict[int, int]:
         if conn.laddr and conn.laddr.port in ports and conn.pid is not None:
             owners[conn.laddr.port] = conn.pid
     return owners
+
+
+def as_host(name: str, argv: Sequence[str]) -> list[str]:
+    """``argv`` run as another "host": in a UTS namespace of its own with hostname ``name``
+    (so ``optguard.worker`` reads ``name:pid``, as on a real node); ``sh`` execs it, so the
+    process started becomes ``argv`` itself (needs root)."""
+    return ["unshare", "-u", "sh", "-c", f"hostname {shlex.quote(name)} && exec {shlex.join(argv)}"]
 
 
 def uts_namespace(pid: int) -> str | None:

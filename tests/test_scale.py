@@ -8,7 +8,6 @@ hosts still running."""
 from __future__ import annotations
 
 import os
-import shlex
 import shutil
 import signal
 import subprocess
@@ -105,8 +104,7 @@ def _start_host(
     env = {k: v for k, v in os.environ.items() if not k.startswith("OPTGUARD_")}
     with open(directory / "stdout.txt", "wb") as out, open(directory / "stderr.txt", "wb") as err:
         proc = subprocess.Popen(
-            # unshare execs sh, which execs optguard: proc.pid is the supervisor itself
-            ["unshare", "-u", "sh", "-c", f"hostname {name} && exec {shlex.join(run)}"],
+            private_pg.as_host(name, run),  # proc.pid is the supervisor itself
             cwd=directory, env=env, stdout=out, stderr=err, start_new_session=True,
         )  # fmt: skip
     return Host(name, proc, directory)
